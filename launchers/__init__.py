@@ -1,0 +1,1 @@
+"""Entry points: the advdit command line, data tools, Slurm; no numerics live here."""

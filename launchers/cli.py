@@ -1,0 +1,84 @@
+"""The ``advdit`` command line.
+
+    advdit train --config configs/demo.yaml train.steps=200 [--resume auto|none|PATH]
+    advdit data demo --out data/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..trainer.checkpoint import CheckpointError
+from ..trainer.config import ConfigError, load_config
+from ..trainer.data import DataError
+from ..trainer.tracking import TrackingError
+
+# Errors that describe a user's input; shown as one line instead of a traceback.
+USER_ERRORS = (ConfigError, DataError, TrackingError, CheckpointError, FileNotFoundError)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..trainer.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+    print(f"finished at step {result.step}; outputs in {result.output_dir}")
+    if result.grid:
+        print(f"sample grid: {result.grid}")
+    if result.mlflow_run_id:
+        print(f"MLflow run: {result.mlflow_run_id}")
+    return 0
+
+
+def _data_demo(args: argparse.Namespace) -> int:
+    from .demo_data import write_demo_shards
+
+    manifest = write_demo_shards(args.out, num_images=args.num_images, image_size=args.image_size,
+                                 samples_per_shard=args.samples_per_shard, seed=args.seed)
+    print(f"wrote {manifest['num_samples']} images in {len(manifest['shards'])} shards to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="advdit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a DiT (plus adversarial objectives)")
+    train.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
+    train.add_argument("--resume", default="auto",
+                       help="auto: newest complete checkpoint of run.output_dir (default); "
+                            "none: fresh start; or a checkpoint folder")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="resume although the config differs from the checkpoint's")
+    train.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="dotted overrides, e.g. train.steps=200 data.batch_size=64")
+    train.set_defaults(func=_train)
+
+    data = commands.add_parser("data", help="write data sets as webdataset shards")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    demo = data_commands.add_parser("demo", help="the procedurally drawn 10-class shapes set")
+    demo.add_argument("--out", default="data/demo/train")
+    demo.add_argument("--num-images", type=int, default=5120)
+    demo.add_argument("--image-size", type=int, default=32)
+    demo.add_argument("--samples-per-shard", type=int, default=640)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_data_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        print(f"advdit: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

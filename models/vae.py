@@ -1,0 +1,72 @@
+"""Where the denoiser's inputs come from: pixels as they are, or SD-VAE latents.
+
+The latent scale factor of Stable Diffusion's VAE (0.18215) lives here and nowhere else: every
+encode multiplies by it and every decode divides by it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+LATENT_SCALE = 0.18215
+VAE_DOWNSAMPLE = 8
+
+
+class PixelCodec(nn.Module):
+    """Identity codec: the denoiser works on [-1, 1] pixels (the CPU demo)."""
+
+    channels = 3
+    downsample = 1
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return images
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+
+class SDVAECodec(nn.Module):
+    """A frozen diffusers ``AutoencoderKL``; encode samples the posterior and scales by 0.18215."""
+
+    downsample = VAE_DOWNSAMPLE
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.channels = int(vae.config.latent_channels)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return (posterior.sample(generator=generator) * LATENT_SCALE).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.vae.decode((latents / LATENT_SCALE).to(self.vae.dtype)).sample
+        return images.float().clamp(-1, 1)
+
+
+def load_codec(vae: str) -> PixelCodec | SDVAECodec:
+    """``"none"`` -> pixels; otherwise a local diffusers AutoencoderKL folder (or a cached hub id).
+
+    Nothing is downloaded: a missing folder is an error that names the files a VAE folder holds.
+    """
+    if vae == "none":
+        return PixelCodec()
+    from diffusers import AutoencoderKL
+
+    path = Path(vae)
+    try:
+        model = AutoencoderKL.from_pretrained(vae, local_files_only=True)
+    except (OSError, ValueError) as err:
+        where = f"local folder {str(path)!r}" if path.exists() else f"{vae!r} (not a local folder)"
+        raise FileNotFoundError(
+            f"vae: could not load a diffusers AutoencoderKL from {where}: {err}. Expected a folder "
+            "with config.json and diffusion_pytorch_model.safetensors, e.g. a local copy of "
+            "stabilityai/sd-vae-ft-ema (huggingface-cli download stabilityai/sd-vae-ft-ema "
+            "--local-dir PATH on a machine with internet access), or vae=none for pixel space"
+        ) from err
+    return SDVAECodec(model)

@@ -1,0 +1,42 @@
+"""advdit: distributed DiT training with adversarial objectives (SADM, Diffusion-GAN, DDGAN).
+
+The user's top-level folders models/, trainer/ and launchers/ are installed as the subpackages
+advdit.models, advdit.trainer and advdit.launchers, so nothing generic such as ``models`` lands at
+the top level of site-packages.
+"""
+
+from setuptools import setup
+
+SUBPACKAGES = ("models", "trainer", "launchers")
+
+setup(
+    name="advdit",
+    version="0.1.0",
+    description="Distributed class-conditional DiT training with SADM, Diffusion-GAN and DDGAN",
+    python_requires=">=3.10",
+    packages=[f"advdit.{name}" for name in SUBPACKAGES],
+    package_dir={f"advdit.{name}": name for name in SUBPACKAGES},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "timm>=1.0",
+        "accelerate>=1.0",
+        "deepspeed>=0.15",
+        # accelerate's DeepSpeed integration reads transformers' version at set-up time.
+        "transformers>=4.40",
+        "diffusers>=0.30",
+        "webdataset>=0.2.90",
+        "mlflow>=2.16",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "pillow>=10.0",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "scipy>=1.11",
+    ],
+    extras_require={
+        "gpu": ["xformers>=0.0.28"],
+        "dev": ["pytest>=8.0", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["advdit = advdit.launchers.cli:main"]},
+)

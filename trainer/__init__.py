@@ -1,0 +1,1 @@
+"""Everything that runs a training job: config, data, objectives, checkpoints, tracking."""

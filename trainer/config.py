@@ -1,0 +1,284 @@
+"""Typed run configuration: YAML presets, dotted command-line overrides, validation.
+
+The schema is a tree of dataclasses. A YAML file is merged onto the defaults, then overrides such as
+``train.steps=200`` are applied; every key and every value is checked against the schema, and a
+mistake names the key, what was expected and (for unknown keys) the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "advdit"
+    output_dir: str = "runs/advdit"
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "DiT-XL/2"
+    # Override the named size, for small networks (tests, the CPU demo); null keeps the size's own.
+    depth: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    num_classes: int = 1000
+    class_dropout: float = 0.1
+    learn_sigma: bool = True
+    attention: str = "auto"
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    steps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    # A shard directory (with manifest.json or *.tar files), a brace pattern such as
+    # "data/train-{000000..000099}.tar", or a list of tar paths.
+    shards: str | list[str] = "data/demo/train"
+    image_size: int = 256
+    batch_size: int = 32  # per process
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    random_flip: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400_000
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay min(ema_decay, (1+n)/(10+n)); for short runs
+    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
+    log_every: int = 10
+    ckpt_every: int = 10_000
+    keep_last: int = 3
+    sample_every: int = 10_000
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddim"  # ddim | ddpm
+    steps: int = 50
+    cfg_scale: float = 1.5
+    grid_classes: list[int] = field(default_factory=list)  # empty: spread over all classes
+    grid_rows: int = 4
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    # null: a sqlite store inside the run's output folder, unless MLFLOW_TRACKING_URI is set.
+    uri: str | None = None
+    experiment: str = "advdit"
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # "none" trains in pixel space; otherwise a local folder (or hub id) of an SD-VAE.
+    vae: str = "none"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+CHOICES = {
+    "model.attention": ("auto", "xformers", "sdpa", "math"),
+    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "sample.sampler": ("ddim", "ddpm"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
+        return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"config key {key!r} expects null, got {value!r}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key {key!r} expects a boolean (true/false), got {value!r}")
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"config key {key!r} expects {tp.__name__}, got boolean {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(
+            f"config key {key!r} expects {tp.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def all_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a config dataclass."""
+    keys = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            keys.extend(all_keys(value, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _merge(node: Any, updates: dict[str, Any], prefix: str, valid: list[str]) -> None:
+    if not isinstance(updates, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.')!r} must be a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(node))
+    names = {f.name for f in dataclasses.fields(node)}
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise _unknown_key(key, valid)
+        current = getattr(node, name)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{key}.", valid)
+        else:
+            setattr(node, name, _coerce(value, hints[name], key))
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    head, _, rest = dotted.partition(".")
+    return {head: _nest(rest, value) if rest else value}
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.steps=200"`` -> ("train.steps", 200); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.steps=200)")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({err})") from err
+
+
+def _validate(cfg: Config) -> None:
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"config key {key!r} must be one of {choices}, got {value!r}")
+    positive = ["data.batch_size", "data.image_size", "train.steps", "train.log_every",
+                "train.ckpt_every", "train.keep_last", "train.sample_every", "sample.steps",
+                "diffusion.steps", "model.num_classes"]
+    for key in positive:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) <= 0:
+            raise ConfigError(f"config key {key!r} must be positive")
+    if not 0.0 <= cfg.model.class_dropout < 1.0:
+        raise ConfigError("config key 'model.class_dropout' must be in [0, 1)")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError("config key 'train.ema_decay' must be in [0, 1)")
+    bad_classes = [c for c in cfg.sample.grid_classes if not 0 <= c < cfg.model.num_classes]
+    if bad_classes:
+        raise ConfigError(
+            f"config key 'sample.grid_classes' has labels {bad_classes} outside "
+            f"[0, {cfg.model.num_classes}) (model.num_classes)"
+        )
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at ``path``, then each ``key=value`` override, validated."""
+    cfg = Config()
+    valid = all_keys(cfg)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        with path.open() as handle:
+            data = yaml.safe_load(handle) or {}
+        _merge(cfg, data, "", valid)
+    for text in overrides:
+        key, value = parse_override(text)
+        if key not in valid:
+            raise _unknown_key(key, valid)
+        _merge(cfg, _nest(key, value), "", valid)
+    _validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """{"train.steps": 200, ...}: the form MLflow params take."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for name, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{name}.")
+            else:
+                flat[f"{prefix}{name}"] = value
+
+    walk(to_dict(cfg), "")
+    return flat
+
+
+def config_hash(cfg: Config) -> str:
+    """A short digest of the resolved config, stored with checkpoints."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,215 @@
+"""Streaming class-conditional batches from webdataset shards, resumable to the exact batch.
+
+How the stream is laid out, and why it can resume exactly:
+- Each rank runs ``num_workers`` *logical streams*; stream ``s`` of rank ``r`` (global id
+  ``g = r * num_workers + s``) owns shards ``g, g + G, g + 2G, ...`` (``G`` streams in all), so ranks
+  and workers never read the same sample.
+- A stream is a pure function of (seed, g): per epoch its shard order and shuffle buffer are driven
+  by a generator seeded from (seed, g, epoch), and its batches are cut from consecutive raw records.
+- Batch ``k`` of a rank always comes from logical stream ``k % num_workers``. The DataLoader hands
+  out worker outputs round-robin starting at worker 0, so a loader restarted after ``k`` batches
+  maps worker ``w`` to stream ``(w + k) % num_workers``, and each stream skips the raw records it had
+  already batched (no decoding). The whole position is therefore one number: batches consumed.
+- A sample that cannot be decoded is counted and replaced inside its batch by another sample of the
+  same batch, so batch shapes and positions do not depend on decoding success.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import json
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+logger = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+
+
+class DataError(ValueError):
+    """A problem with the data set as configured (paths, shard counts)."""
+
+
+def resolve_shards(spec: str | list[str]) -> list[str]:
+    """Shard paths from a directory, a brace pattern / glob, or a list; each must exist."""
+    if isinstance(spec, list):
+        paths = [str(p) for p in spec]
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            manifest = path / "manifest.json"
+            if manifest.is_file():
+                shards = json.loads(manifest.read_text())["shards"]
+                paths = [str(path / shard["name"]) for shard in shards]
+            else:
+                paths = sorted(glob.glob(str(path / "*.tar")))
+            if not paths:
+                raise DataError(
+                    f"shard directory {str(path)!r} holds no manifest.json and no *.tar files; "
+                    "expected webdataset shards (make them with `advdit data demo` or "
+                    "`advdit data imagenet`)"
+                )
+        else:
+            paths = sorted(p for pattern in braceexpand.braceexpand(spec) for p in glob.glob(pattern))
+            if not paths:
+                raise DataError(
+                    f"data.shards {spec!r} matches no file; expected a shard directory, a brace "
+                    "pattern such as 'data/train-{000000..000007}.tar', or a list of .tar paths"
+                )
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"shard file {missing[0]!r} does not exist ({len(missing)} missing in all)")
+    return paths
+
+
+def decode_sample(record: dict[str, Any], image_size: int, num_classes: int) -> tuple[np.ndarray, int]:
+    """A raw tar record -> (HWC uint8 RGB image, label); raises ValueError on anything wrong."""
+    image_key = next((key for key in IMAGE_KEYS if key in record), None)
+    if image_key is None:
+        raise ValueError(f"no image member (one of {IMAGE_KEYS})")
+    if "cls" not in record:
+        raise ValueError("no 'cls' member")
+    label = int(record["cls"].decode().strip())
+    if not 0 <= label < num_classes:
+        raise ValueError(f"label {label} outside [0, {num_classes})")
+    with Image.open(io.BytesIO(record[image_key])) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    if pixels.shape[:2] != (image_size, image_size):
+        raise ValueError(f"image is {pixels.shape[1]}x{pixels.shape[0]}, expected {image_size}^2")
+    return pixels, label
+
+
+def _stream_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([abs(p) for p in parts]).generate_state(1)[0])
+
+
+@dataclass
+class StreamSpec:
+    shards: list[str]
+    seed: int
+    batch_size: int
+    shuffle_buffer: int
+    image_size: int
+    num_classes: int
+    random_flip: bool
+
+
+def iter_records(paths: list[str]) -> Iterator[dict[str, Any]]:
+    """Raw samples (dicts of bytes keyed by extension) from tar files, in order."""
+    for path in paths:
+        with open(path, "rb") as handle:
+            files = ({**member, "__url__": path} for member in tar_file_iterator(handle))
+            yield from group_by_keys(files)
+
+
+def shuffled(records: Iterator[dict[str, Any]], buffer_size: int, rng: random.Random):
+    """Reservoir shuffle: fill the buffer, then emit a random element for each new record."""
+    buffer: list[dict[str, Any]] = []
+    for record in records:
+        if len(buffer) < buffer_size:
+            buffer.append(record)
+            continue
+        index = rng.randrange(len(buffer))
+        yield buffer[index]
+        buffer[index] = record
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def raw_batches(spec: StreamSpec, stream_id: int) -> Iterator[list[dict[str, Any]]]:
+    """Endless lists of ``batch_size`` raw records of one logical stream, epoch after epoch."""
+    pending: list[dict[str, Any]] = []
+    for epoch in range(1 << 62):
+        rng = random.Random(_stream_seed(spec.seed, stream_id, epoch))
+        order = list(spec.shards)
+        rng.shuffle(order)
+        for record in shuffled(iter_records(order), spec.shuffle_buffer, rng):
+            pending.append(record)
+            if len(pending) == spec.batch_size:
+                yield pending
+                pending = []
+
+
+def collate(spec: StreamSpec, records: list[dict[str, Any]], flip_seed: int) -> dict[str, Any]:
+    """Decode a raw batch; corrupt samples are replaced by good ones of the same batch."""
+    images, labels, bad = [], [], []
+    for record in records:
+        try:
+            pixels, label = decode_sample(record, spec.image_size, spec.num_classes)
+        except Exception as err:  # noqa: BLE001 - any decoding failure is a corrupt sample
+            bad.append(f"{record.get('__url__', '?')}:{record.get('__key__', '?')} ({err})")
+            continue
+        images.append(pixels)
+        labels.append(label)
+    for where in bad:
+        logger.warning("skipping corrupt sample %s", where)
+    if not images:
+        raise DataError(f"every sample of a batch is corrupt, e.g. {bad[0]}; check the shards")
+    fill = len(records) - len(images)
+    images += images[:fill] * (fill // max(len(images), 1) + 1)
+    labels += labels[:fill] * (fill // max(len(labels), 1) + 1)
+    batch = torch.from_numpy(np.stack(images[: len(records)])).permute(0, 3, 1, 2)
+    batch = batch.float().div(127.5).sub(1.0)
+    if spec.random_flip:
+        generator = torch.Generator().manual_seed(flip_seed)
+        flip = torch.rand(len(batch), generator=generator) < 0.5
+        batch[flip] = batch[flip].flip(-1)
+    return {
+        "images": batch.contiguous(),
+        "labels": torch.tensor(labels[: len(records)], dtype=torch.long),
+        "corrupt": len(bad),
+    }
+
+
+class ShardStream(IterableDataset):
+    """Yields whole decoded batches; see the module docstring for the resume contract."""
+
+    def __init__(self, spec: StreamSpec, rank: int, world_size: int, num_workers: int,
+                 start_batch: int = 0) -> None:
+        super().__init__()
+        self.spec = spec
+        self.rank = rank
+        self.streams_per_rank = max(num_workers, 1)
+        self.start_batch = start_batch
+        total = world_size * self.streams_per_rank
+        if len(spec.shards) < total:
+            raise DataError(
+                f"{len(spec.shards)} shards cannot feed {world_size} process(es) x "
+                f"{self.streams_per_rank} loader worker(s) = {total} streams without repeats; "
+                "write more shards or lower data.num_workers"
+            )
+        self.total_streams = total
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        local = (worker + self.start_batch) % self.streams_per_rank
+        stream_id = self.rank * self.streams_per_rank + local
+        spec = dataclasses.replace(self.spec, shards=self.spec.shards[stream_id :: self.total_streams])
+        # Batches this stream handed out before the restart: k < start_batch with k % W == local.
+        already = max(0, -(-(self.start_batch - local) // self.streams_per_rank))
+        for index, records in enumerate(raw_batches(spec, stream_id)):
+            if index < already:
+                continue
+            yield collate(spec, records, _stream_seed(self.spec.seed, stream_id, index, 1))
+
+
+def build_loader(spec: StreamSpec, rank: int, world_size: int, num_workers: int,
+                 start_batch: int = 0) -> DataLoader:
+    """An endless DataLoader of batches, positioned after ``start_batch`` batches of this rank."""
+    dataset = ShardStream(spec, rank, world_size, num_workers, start_batch)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())

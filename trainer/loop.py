@@ -1,0 +1,262 @@
+"""The training loop: set-up, resume, the step loop, logging, checkpoints and sample grids."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, InitProcessGroupKwargs
+from tqdm import tqdm
+
+from ..models.diffusion import build_diffusion
+from ..models.dit import build_dit
+from ..models.vae import load_codec
+from .checkpoint import (
+    CheckpointError,
+    TrainState,
+    changed_keys,
+    checkpoint_dir,
+    resume_from,
+    save_checkpoint,
+)
+from .config import Config, config_hash, dump_yaml, flatten
+from .data import StreamSpec, build_loader, resolve_shards
+from .ema import EMA
+from .evaluate import sample_grid
+from .objectives import DiffusionObjective, StepContext
+from .tracking import MlflowTracker, check_reachable, resolve_uri
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    step: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+    checkpoint: Path | None = None
+    grid: Path | None = None
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    precision = cfg.train.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # Several CPU processes talk over gloo (accelerate would otherwise pick no backend for them).
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    gloo = distributed and not torch.cuda.is_available()
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if gloo else []
+    return Accelerator(mixed_precision=precision, kwargs_handlers=handlers)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> tuple[torch.optim.Optimizer, Any]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = torch.cuda.is_available()
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                  betas=(cfg.optim.beta1, cfg.optim.beta2), fused=fused)
+    warmup = cfg.optim.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+    )
+    return optimizer, scheduler
+
+
+class Trainer:
+    """One training run. ``Trainer(cfg).run()`` trains to ``train.steps`` and returns a summary."""
+
+    def __init__(self, cfg: Config, resume: str = "auto", allow_config_change: bool = False,
+                 progress: bool = True) -> None:
+        self.cfg = cfg
+        self.resume = resume
+        self.allow_config_change = allow_config_change
+        self.progress = progress
+        self.output_dir = Path(cfg.run.output_dir)
+        self.accelerator = make_accelerator(cfg)
+        self.state = TrainState()
+        self.tracker: MlflowTracker | None = None
+        self.config_changes: dict[str, tuple[Any, Any]] = {}
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ set-up
+    def _check_inputs(self) -> list[str]:
+        """Fail on bad data paths or an unreachable tracking server before building anything."""
+        shards = resolve_shards(self.cfg.data.shards)
+        if self.cfg.tracking.enabled and self.accelerator.is_main_process:
+            check_reachable(resolve_uri(self.cfg.tracking.uri, self.output_dir))
+        return shards
+
+    def _build(self) -> None:
+        cfg, accelerator = self.cfg, self.accelerator
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        self.codec = load_codec(cfg.vae).to(accelerator.device)
+        latent_size = cfg.data.image_size // self.codec.downsample
+        model = build_dit(cfg.model.arch, input_size=latent_size, in_channels=self.codec.channels,
+                          depth=cfg.model.depth, hidden_size=cfg.model.hidden_size,
+                          num_heads=cfg.model.num_heads, num_classes=cfg.model.num_classes,
+                          learn_sigma=cfg.model.learn_sigma, attention=cfg.model.attention,
+                          grad_checkpointing=cfg.model.grad_checkpointing)
+        self.ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
+        self.ema.model.to(accelerator.device)
+        optimizer, scheduler = build_optimizer(model, cfg)
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        accelerator.register_for_checkpointing(self.ema, self.state)
+        self.diffusion = build_diffusion(cfg.diffusion.steps, cfg.diffusion.beta_start,
+                                         cfg.diffusion.beta_end, cfg.model.learn_sigma)
+        self.objective = DiffusionObjective(self.model, self.optimizer, self.scheduler,
+                                            self.diffusion, cfg.model.class_dropout,
+                                            cfg.model.num_classes)
+        self.num_params = sum(p.numel() for p in model.parameters())
+
+    def _check_resumed_config(self, meta: dict[str, Any]) -> None:
+        changes = changed_keys(meta.get("config", {}), flatten(self.cfg))
+        if changes and not self.allow_config_change:
+            listing = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+            raise CheckpointError(
+                f"the config differs from the checkpoint's at step {meta['step']}: {listing}. "
+                "Pass --allow-config-change to continue anyway (the changes are logged to MLflow)"
+            )
+        self.config_changes = changes
+
+    def _open_tracker(self) -> None:
+        cfg = self.cfg
+        if not (cfg.tracking.enabled and self.accelerator.is_main_process):
+            return
+        uri = resolve_uri(cfg.tracking.uri, self.output_dir)
+        self.tracker = MlflowTracker.open(uri, cfg.tracking.experiment, cfg.run.name,
+                                          self.output_dir, resume_run_id=self.state.mlflow_run_id)
+        if self.state.mlflow_run_id is None:
+            self.state.mlflow_run_id = self.tracker.run_id
+            self.tracker.log_params(flatten(cfg))
+            self.tracker.log_params({"model.num_params": self.num_params,
+                                     "world_size": self.accelerator.num_processes})
+            self.tracker.log_artifact(self.output_dir / "config.yaml")
+        if self.config_changes:
+            listing = {key: f"{old!r} -> {new!r}" for key, (old, new) in self.config_changes.items()}
+            self.tracker.set_tag(f"config_changes_at_step_{self.state.step}", json.dumps(listing))
+
+    # ------------------------------------------------------------------ steps
+    def _log(self, sums: dict[str, torch.Tensor], count: int, images: int, seconds: float,
+             bar: tqdm | None) -> None:
+        metrics = {key: (value / count).item() for key, value in sums.items()}
+        bad = [key for key, value in metrics.items() if not math.isfinite(value)]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite {', '.join(bad)} at step {self.state.step}; the last good checkpoint "
+                f"is in {checkpoint_dir(self.output_dir)}"
+            )
+        metrics.update({
+            "lr": self.scheduler.get_last_lr()[0],
+            "images_per_sec": images / max(seconds, 1e-9),
+            "images_seen": self.state.images_seen,
+            "data/corrupt_samples": self.state.corrupt_samples,
+        })
+        if self.accelerator.is_main_process:
+            self.history.append({"step": self.state.step, **metrics})
+            with (self.output_dir / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps({"step": self.state.step, **metrics}) + "\n")
+            if self.tracker:
+                self.tracker.log_metrics(metrics, self.state.step)
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                img_s=f"{metrics['images_per_sec']:.1f}")
+
+    def _checkpoint(self) -> Path:
+        meta = {"config": flatten(self.cfg), "config_hash": config_hash(self.cfg),
+                "mlflow_run_id": self.state.mlflow_run_id, "images_seen": self.state.images_seen,
+                "world_size": self.accelerator.num_processes}
+        path = save_checkpoint(self.accelerator, self.output_dir, self.state.step, meta,
+                               self.cfg.train.keep_last)
+        logger.info("checkpoint %s", path)
+        return path
+
+    def _grid(self) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        path = self.output_dir / "samples" / f"step_{self.state.step:08d}.png"
+        sample_grid(self.ema.model, self.cfg, self.codec, self.accelerator.device, path)
+        if self.tracker:
+            self.tracker.log_artifact(path, "samples")
+        return path
+
+    def run(self) -> TrainResult:
+        cfg, accelerator = self.cfg, self.accelerator
+        shards = self._check_inputs()
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
+        self._build()
+        resumed = resume_from(accelerator, self.resume, self.output_dir,
+                              self._check_resumed_config)
+        self._open_tracker()
+        result = TrainResult(self.output_dir, self.state.step, self.history,
+                             self.state.mlflow_run_id, checkpoint=resumed)
+        status = "FAILED"
+        try:
+            if self.state.step >= cfg.train.steps:
+                logger.info("checkpoint is at step %d >= train.steps=%d: nothing to train",
+                            self.state.step, cfg.train.steps)
+            else:
+                result.checkpoint, result.grid = self._train(shards)
+            status = "FINISHED"
+        finally:
+            if self.tracker:
+                self.tracker.finish(status)
+        result.step = self.state.step
+        return result
+
+    def _train(self, shards: list[str]) -> tuple[Path | None, Path | None]:
+        cfg, accelerator = self.cfg, self.accelerator
+        spec = StreamSpec(shards=shards, seed=cfg.run.seed, batch_size=cfg.data.batch_size,
+                          shuffle_buffer=cfg.data.shuffle_buffer, image_size=cfg.data.image_size,
+                          num_classes=cfg.model.num_classes, random_flip=cfg.data.random_flip)
+        loader = build_loader(spec, accelerator.process_index, accelerator.num_processes,
+                              cfg.data.num_workers, start_batch=self.state.step)
+        batches = iter(loader)
+        bar = tqdm(total=cfg.train.steps, initial=self.state.step, desc="train", unit="step",
+                   disable=not (self.progress and accelerator.is_main_process))
+        sums: dict[str, torch.Tensor] = {}
+        window_start, window_images, window_steps = time.perf_counter(), 0, 0
+        checkpoint = grid = None
+        self.model.train()
+        while self.state.step < cfg.train.steps:
+            batch = next(batches)
+            images = batch["images"].to(accelerator.device, non_blocking=True)
+            labels = batch["labels"].to(accelerator.device, non_blocking=True)
+            latents = self.codec.encode(images)
+            ctx = StepContext(accelerator, cfg.run.seed, self.state.step, cfg.optim.grad_clip)
+            metrics = self.objective.train_step(latents, labels, ctx)
+            self.ema.update(accelerator.unwrap_model(self.model))
+            self.state.step += 1
+            self.state.images_seen += len(images) * accelerator.num_processes
+            self.state.corrupt_samples += batch["corrupt"]
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0) + value
+            window_images += len(images) * accelerator.num_processes
+            window_steps += 1
+            bar.update(1)
+            step, last = self.state.step, self.state.step == cfg.train.steps
+            if step % cfg.train.log_every == 0 or last:
+                self._log(sums, window_steps, window_images, time.perf_counter() - window_start, bar)
+                sums, window_images, window_steps = {}, 0, 0
+                window_start = time.perf_counter()
+            if step % cfg.train.ckpt_every == 0 or last:
+                checkpoint = self._checkpoint()
+            if step % cfg.train.sample_every == 0 or last:
+                grid = self._grid() or grid
+        bar.close()
+        return checkpoint, grid
+
+
+def train(cfg: Config, resume: str = "auto", allow_config_change: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Train ``cfg`` to ``train.steps``; see :class:`Trainer`."""
+    return Trainer(cfg, resume, allow_config_change, progress).run()
+
