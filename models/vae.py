@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 LATENT_SCALE = 0.18215
-VAE_DOWNSAMPLE = 8
 
 
 class PixelCodec(nn.Module):
@@ -31,12 +30,12 @@ class PixelCodec(nn.Module):
 class SDVAECodec(nn.Module):
     """A frozen diffusers ``AutoencoderKL``; encode samples the posterior and scales by 0.18215."""
 
-    downsample = VAE_DOWNSAMPLE
-
     def __init__(self, vae: nn.Module) -> None:
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
         self.channels = int(vae.config.latent_channels)
+        # Each encoder block but the last halves the resolution: 8x for the SD-VAE's four blocks.
+        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

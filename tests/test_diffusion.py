@@ -8,6 +8,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from scipy import integrate, stats
+
 from advdit.models.diffusion import (
     GaussianDiffusion,
     build_diffusion,
@@ -17,7 +19,6 @@ from advdit.models.diffusion import (
     normal_kl,
     space_timesteps,
 )
-from scipy import integrate, stats
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -33,8 +33,8 @@ logger = logging.getLogger(__name__)
 META = "meta.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 # Keys that may differ between a checkpoint's config and the resuming run's without changing what
-# the run computes up to the checkpoint: how long to train, and how often to log and save.
-RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.ckpt_every", "train.keep_last",
+# the run computes: its name and folder (runs get moved), how long to train, how often to log and save.
+RESUMABLE_CHANGES = {"run.name", "run.output_dir", "train.steps", "train.log_every", "train.ckpt_every", "train.keep_last",
                      "train.sample_every", "tracking.uri", "tracking.enabled", "tracking.experiment"}
 
 

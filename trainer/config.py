@@ -149,6 +149,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"config key {key!r} expects null, got {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads 3e-4 (no dot) as a string; accept what Python reads as a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"config key {key!r} expects a boolean (true/false), got {value!r}")
     if tp in (int, float) and isinstance(value, bool):
@@ -248,6 +254,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _merge(cfg, data, "", valid)
     for text in overrides:
         key, value = parse_override(text)
+        section_keys = [k for k in valid if k.startswith(key + ".")]
+        if section_keys:
+            raise ConfigError(f"config key {key!r} is a section; set one of its keys, e.g. "
+                              f"{section_keys[0]}=...")
         if key not in valid:
             raise _unknown_key(key, valid)
         _merge(cfg, _nest(key, value), "", valid)

@@ -30,7 +30,7 @@ from .config import Config, config_hash, dump_yaml, flatten
 from .data import StreamSpec, build_loader, resolve_shards
 from .ema import EMA
 from .evaluate import sample_grid
-from .objectives import DiffusionObjective, StepContext
+from .objectives import VAE_STREAM, DiffusionObjective, StepContext, step_generator
 from .tracking import MlflowTracker, check_reachable, resolve_uri
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,9 @@ class Trainer:
             batch = next(batches)
             images = batch["images"].to(accelerator.device, non_blocking=True)
             labels = batch["labels"].to(accelerator.device, non_blocking=True)
-            latents = self.codec.encode(images)
+            vae_generator = step_generator(cfg.run.seed, accelerator.process_index,
+                                           self.state.step, accelerator.device, VAE_STREAM)
+            latents = self.codec.encode(images, generator=vae_generator)
             ctx = StepContext(accelerator, cfg.run.seed, self.state.step, cfg.optim.grad_clip)
             metrics = self.objective.train_step(latents, labels, ctx)
             self.ema.update(accelerator.unwrap_model(self.model))

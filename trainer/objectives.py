@@ -20,9 +20,14 @@ from torch import nn
 
 from ..models.diffusion import GaussianDiffusion
 
+# Independent random streams of one step, so adding draws to one never shifts another.
+OBJECTIVE_STREAM, VAE_STREAM = 0, 1
 
-def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
-    state = np.random.SeedSequence([seed, rank, step]).generate_state(2)
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device,
+                   stream: int = OBJECTIVE_STREAM) -> torch.Generator:
+    """A generator whose state depends only on (seed, rank, step, stream)."""
+    state = np.random.SeedSequence([seed, rank, step, stream]).generate_state(2)
     seed64 = int(state[0]) << 32 | int(state[1])
     return torch.Generator(device=device).manual_seed(seed64 & ((1 << 63) - 1))
 

@@ -1,0 +1,36 @@
+"""Test helpers: small shard sets written by the project's own writer, tiny configs."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from advdit.launchers.demo_data import draw_shape
+from advdit.launchers.shards import ShardWriter, encode_png
+from advdit.trainer.config import Config, load_config
+
+TINY_SIZE = 16
+
+
+def write_shape_shards(out_dir: Path, num_images: int, per_shard: int, size: int = TINY_SIZE,
+                       seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    writer = ShardWriter(out_dir, samples_per_shard=per_shard)
+    for index in range(num_images):
+        label = index % 10
+        writer.write(f"{index:06d}", label, {"png": encode_png(draw_shape(label, size, rng))})
+    writer.close()
+    return out_dir
+
+
+def tiny_config(output_dir: Path, shards: Path, *overrides: str) -> Config:
+    """A DiT of 2 blocks, width 64, on 16x16 pixels: a training step takes milliseconds."""
+    base = [
+        f"run.output_dir={output_dir}", "run.name=test", f"data.shards={shards}",
+        f"data.image_size={TINY_SIZE}", "data.batch_size=8", "data.num_workers=0",
+        "data.shuffle_buffer=50", "model.arch=DiT-S/4", "model.depth=2", "model.hidden_size=64",
+        "model.num_heads=2", "model.num_classes=10", "optim.lr=1e-3", "train.steps=6",
+        "train.log_every=1", "train.ckpt_every=3", "train.sample_every=1000",
+        "train.ema_decay=0.9", "sample.steps=5", "sample.grid_rows=1", "tracking.enabled=false",
+    ]
+    return load_config(None, [*base, *overrides])

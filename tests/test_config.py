@@ -1,0 +1,83 @@
+"""Config loading: YAML, dotted overrides, and errors that say what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from advdit.trainer.config import ConfigError, config_hash, flatten, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_preset_and_overrides() -> None:
+    cfg = load_config(REPO / "configs/demo.yaml", ["train.steps=200", "optim.lr=3e-4",
+                                                   "sample.grid_classes=[1, 2]"])
+    assert cfg.train.steps == 200
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.model.num_classes == 10 and cfg.data.image_size == 32
+    assert cfg.sample.grid_classes == [1, 2]
+
+
+def test_int_is_accepted_for_float_and_null_for_optional() -> None:
+    cfg = load_config(None, ["optim.lr=1", "model.depth=null", "model.depth=3"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.depth == 3
+
+
+def test_unknown_key_names_the_closest_valid_key() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.step'.*'train\.steps'"):
+        load_config(None, ["train.step=10"])
+
+
+def test_unknown_key_in_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate"):
+        load_config(path)
+
+
+def test_wrong_type_names_key_and_expected_type() -> None:
+    with pytest.raises(ConfigError, match=r"'train\.steps' expects int, got str 'many'"):
+        load_config(None, ["train.steps=many"])
+    with pytest.raises(ConfigError, match=r"'tracking\.enabled' expects a boolean"):
+        load_config(None, ["tracking.enabled=3"])
+    with pytest.raises(ConfigError, match=r"'data' is a section.*data\.shards="):
+        load_config(None, ["data=5"])
+
+
+def test_yaml_section_must_be_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("data: 5\n")
+    with pytest.raises(ConfigError, match=r"'data' must be a mapping"):
+        load_config(path)
+
+
+def test_choices_and_ranges_are_checked() -> None:
+    with pytest.raises(ConfigError, match="model.attention"):
+        load_config(None, ["model.attention=flash"])
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        load_config(None, ["data.batch_size=0"])
+    with pytest.raises(ConfigError, match="grid_classes"):
+        load_config(None, ["model.num_classes=10", "sample.grid_classes=[3, 12]"])
+
+
+def test_malformed_override_and_missing_file() -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.steps"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("nope.yaml")
+
+
+def test_flatten_and_hash_follow_the_values() -> None:
+    a = load_config(None, ["train.steps=5"])
+    b = load_config(None, ["train.steps=6"])
+    assert flatten(a)["train.steps"] == 5
+    assert config_hash(a) != config_hash(b)
+    assert config_hash(a) == config_hash(load_config(None, ["train.steps=5"]))
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_loads(preset: Path) -> None:
+    load_config(preset)

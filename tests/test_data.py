@@ -1,0 +1,129 @@
+"""Shards written by the project's writer, read back by the streaming loader."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from advdit.launchers.demo_data import CLASSES, write_demo_shards
+from advdit.launchers.shards import file_sha256
+from advdit.trainer.data import DataError, StreamSpec, build_loader, resolve_shards
+
+from helpers import TINY_SIZE, write_shape_shards
+
+
+def spec_for(shards: list[str], batch_size: int = 8, flip: bool = False) -> StreamSpec:
+    return StreamSpec(shards=shards, seed=3, batch_size=batch_size, shuffle_buffer=50,
+                      image_size=TINY_SIZE, num_classes=10, random_flip=flip)
+
+
+def take(loader: torch.utils.data.DataLoader, count: int) -> list[dict]:
+    iterator = iter(loader)
+    return [next(iterator) for _ in range(count)]
+
+
+def test_manifest_counts_and_checksums(tiny_shards: Path) -> None:
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    assert manifest["num_samples"] == 320
+    assert [s["samples"] for s in manifest["shards"]] == [80] * 4
+    assert manifest["class_counts"] == {str(c): 32 for c in range(10)}
+    for shard in manifest["shards"]:
+        assert shard["sha256"] == file_sha256(tiny_shards / shard["name"])
+    assert not list(tiny_shards.glob("*.tmp"))
+
+
+def test_one_epoch_sees_every_sample_once_with_its_label(tiny_shards: Path) -> None:
+    shards = resolve_shards(str(tiny_shards))
+    batches = take(build_loader(spec_for(shards, batch_size=10), 0, 1, num_workers=2), 32)
+    images = torch.cat([b["images"] for b in batches])
+    labels = torch.cat([b["labels"] for b in batches])
+    assert images.shape == (320, 3, TINY_SIZE, TINY_SIZE)
+    assert images.min() >= -1 and images.max() <= 1
+    assert torch.bincount(labels, minlength=10).tolist() == [32] * 10
+    assert len({img.numpy().tobytes() for img in images}) == 320  # no sample twice
+
+
+def test_ranks_and_workers_read_disjoint_samples(tiny_shards: Path) -> None:
+    shards = resolve_shards(str(tiny_shards))
+    seen = []
+    for rank in range(2):
+        batches = take(build_loader(spec_for(shards, batch_size=10), rank, 2, num_workers=2), 16)
+        seen.append({img.numpy().tobytes() for b in batches for img in b["images"]})
+    assert len(seen[0]) == len(seen[1]) == 160
+    assert not seen[0] & seen[1]
+
+
+def test_restored_position_yields_the_same_next_batches(tiny_shards: Path) -> None:
+    shards = resolve_shards(str(tiny_shards))
+    spec = spec_for(shards, batch_size=6, flip=True)
+    uninterrupted = take(build_loader(spec, 0, 1, num_workers=2), 20)
+    for start in (7, 8, 13):  # after an odd and an even number of batches, across an epoch end
+        resumed = take(build_loader(spec, 0, 1, num_workers=2, start_batch=start), 20 - start)
+        for a, b in zip(uninterrupted[start:], resumed, strict=True):
+            assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_epochs_are_reshuffled(tiny_shards: Path) -> None:
+    shards = resolve_shards(str(tiny_shards))
+    batches = take(build_loader(spec_for(shards, batch_size=40), 0, 1, num_workers=0), 16)
+    first = torch.cat([b["labels"] for b in batches[:8]])
+    second = torch.cat([b["labels"] for b in batches[8:]])
+    assert torch.bincount(second, minlength=10).tolist() == [32] * 10
+    assert not torch.equal(first, second)
+
+
+def corrupt_copy(source: Path, target: Path, bad_key: str) -> None:
+    """Copy a shard, replacing one sample's PNG bytes by garbage."""
+    with tarfile.open(source) as src, tarfile.open(target, "w") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            if member.name == f"{bad_key}.png":
+                data = b"not a png at all"
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+
+
+def test_corrupt_sample_is_skipped_and_counted(tmp_path: Path, tiny_shards: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    shard = tmp_path / "bad.tar"
+    corrupt_copy(tiny_shards / "train-000000.tar", shard, "000005")
+    spec = spec_for([str(shard)], batch_size=10)
+    batches = take(build_loader(spec, 0, 1, num_workers=0), 8)
+    assert sum(b["corrupt"] for b in batches) == 1
+    assert all(b["images"].shape[0] == 10 for b in batches)
+    assert "000005" in caplog.text and "skipping corrupt sample" in caplog.text
+
+
+def test_missing_and_empty_shard_paths_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="matches no file"):
+        resolve_shards(str(tmp_path / "nowhere-{000..003}.tar"))
+    with pytest.raises(DataError, match="holds no manifest.json and no"):
+        resolve_shards(str(tmp_path))
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_shards([str(tmp_path / "gone.tar")])
+
+
+def test_too_few_shards_for_the_streams(tiny_shards: Path) -> None:
+    shards = resolve_shards(str(tiny_shards))
+    with pytest.raises(DataError, match="4 shards cannot feed 2 process"):
+        build_loader(spec_for(shards), 0, 2, num_workers=3)
+
+
+def test_wrong_image_size_counts_as_corrupt(tmp_path: Path) -> None:
+    write_shape_shards(tmp_path, 10, 10, size=8)
+    spec = spec_for(resolve_shards(str(tmp_path)), batch_size=5)
+    with pytest.raises(DataError, match="every sample of a batch is corrupt.*expected 16"):
+        take(build_loader(spec, 0, 1, num_workers=0), 1)
+
+
+def test_demo_set_is_balanced(tmp_path: Path) -> None:
+    manifest = write_demo_shards(tmp_path, num_images=40, image_size=32, samples_per_shard=20,
+                                 progress=False)
+    assert manifest["num_samples"] == 40 and len(manifest["shards"]) == 2
+    assert manifest["class_names"] == [name for name, _ in CLASSES]
+    assert set(manifest["class_counts"].values()) == {4}

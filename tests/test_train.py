@@ -1,0 +1,100 @@
+"""Short training runs through the real loop: loss, checkpoints, exact resume, bad resumes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import tiny_config
+from PIL import Image
+
+from advdit.trainer.checkpoint import CheckpointError, complete_checkpoints
+from advdit.trainer.loop import train
+
+
+def losses(result) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in result.history}
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path):
+    """An uninterrupted 6-step run, checkpointing at steps 3 and 6."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    return train(tiny_config(out, tiny_shards), progress=False)
+
+
+def test_run_leaves_checkpoints_grid_and_metrics(six_steps) -> None:
+    root = six_steps.output_dir / "checkpoints"
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000006", "step_00000003"]
+    assert (root / "latest").read_text().strip() == "step_00000006"
+    meta = json.loads((root / "step_00000006" / "meta.json").read_text())
+    assert meta["step"] == 6 and meta["config"]["train.steps"] == 6
+    grid = Image.open(six_steps.grid)
+    assert grid.size == (10 * 16 * 8, 16 * 8)  # 10 classes x 1 row of 16px images, upscaled 8x
+    rows = [json.loads(line) for line in (six_steps.output_dir / "metrics.jsonl").open()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "loss_mse", "loss_vb", "grad_norm", "lr", "images_per_sec"} <= set(rows[0])
+
+
+def test_resume_continues_with_identical_losses(six_steps, tmp_path: Path, tiny_shards: Path) -> None:
+    first = train(tiny_config(tmp_path, tiny_shards, "train.steps=3"), progress=False)
+    assert first.step == 3
+    resumed = train(tiny_config(tmp_path, tiny_shards), resume="auto", progress=False)
+    assert resumed.step == 6
+    expected = losses(six_steps)
+    got = {**losses(first), **losses(resumed)}
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path: Path, tiny_shards: Path) -> None:
+    train(tiny_config(tmp_path, tiny_shards, "train.ckpt_every=1", "train.keep_last=2",
+                      "train.steps=4"), progress=False)
+    names = [p.name for p in complete_checkpoints(tmp_path / "checkpoints")]
+    assert names == ["step_00000004", "step_00000003"]
+
+
+def test_incomplete_and_corrupt_checkpoints_are_skipped(six_steps, tmp_path: Path, tiny_shards: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    shutil.copytree(six_steps.output_dir / "checkpoints", tmp_path / "checkpoints")
+    root = tmp_path / "checkpoints"
+    # A folder a crash left without its meta.json, and a complete-looking one with broken weights.
+    shutil.copytree(root / "step_00000006", root / "step_00000009")
+    (root / "step_00000009" / "meta.json").unlink()
+    shutil.copytree(root / "step_00000006", root / "step_00000008")
+    (root / "step_00000008" / "model.safetensors").write_bytes(b"truncated")
+    caplog.set_level(logging.WARNING)
+    result = train(tiny_config(tmp_path, tiny_shards), resume="auto", progress=False)
+    assert result.checkpoint == root / "step_00000006"
+    assert result.step == 6
+    assert "ignoring incomplete checkpoint" in caplog.text and "step_00000009" in caplog.text
+    assert "step_00000008 could not be loaded" in caplog.text
+
+
+def test_changed_config_is_refused_unless_allowed(six_steps, tmp_path: Path, tiny_shards: Path) -> None:
+    shutil.copytree(six_steps.output_dir / "checkpoints", tmp_path / "checkpoints")
+    changed = tiny_config(tmp_path, tiny_shards, "optim.lr=5e-4", "train.steps=7")
+    with pytest.raises(CheckpointError, match=r"optim\.lr: 0\.001 -> 0\.0005"):
+        train(changed, resume="auto", progress=False)
+    result = train(changed, resume="auto", allow_config_change=True, progress=False)
+    assert result.step == 7
+
+
+def test_fresh_start_over_existing_checkpoints_is_refused(six_steps, tmp_path: Path,
+                                                          tiny_shards: Path) -> None:
+    shutil.copytree(six_steps.output_dir / "checkpoints", tmp_path / "checkpoints")
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        train(tiny_config(tmp_path, tiny_shards), resume="none", progress=False)
+
+
+@pytest.mark.slow
+def test_loss_falls(tmp_path: Path, tiny_shards: Path) -> None:
+    result = train(tiny_config(tmp_path, tiny_shards, "train.steps=60", "train.ckpt_every=60",
+                               "data.batch_size=16"), progress=False)
+    values = [losses(result)[step] for step in range(1, 61)]
+    assert np.mean(values[-10:]) < 0.5 * np.mean(values[:10])

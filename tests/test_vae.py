@@ -1,0 +1,59 @@
+"""Latent space through a tiny randomly initialised diffusers AutoencoderKL (no weights download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from helpers import tiny_config
+
+from advdit.models.vae import LATENT_SCALE, PixelCodec, load_codec
+from advdit.trainer.loop import train
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+    path = tmp_path_factory.mktemp("tiny-vae")
+    vae.save_pretrained(path)
+    return path
+
+
+def test_codec_encodes_with_the_latent_scale(tiny_vae_dir: Path) -> None:
+    codec = load_codec(str(tiny_vae_dir))
+    assert codec.channels == 4 and codec.downsample == 2
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    generator = torch.Generator().manual_seed(1)
+    latents = codec.encode(images, generator=generator)
+    assert latents.shape == (2, 4, 8, 8)
+    posterior = codec.vae.encode(images).latent_dist
+    expected = posterior.sample(generator=torch.Generator().manual_seed(1)) * LATENT_SCALE
+    assert torch.allclose(latents, expected, atol=1e-6)
+    decoded = codec.decode(latents)
+    assert decoded.shape == (2, 3, 16, 16) and decoded.abs().max() <= 1
+
+
+def test_pixel_codec_is_identity() -> None:
+    x = torch.randn(1, 3, 4, 4)
+    assert load_codec("none").encode(x) is x and isinstance(load_codec("none"), PixelCodec)
+
+
+def test_missing_vae_names_the_files_needed(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="config.json and diffusion_pytorch_model"):
+        load_codec(str(tmp_path / "sd-vae-ft-ema"))
+
+
+def test_training_in_latent_space(tiny_vae_dir: Path, tmp_path: Path, tiny_shards: Path) -> None:
+    cfg = tiny_config(tmp_path, tiny_shards, f"vae={tiny_vae_dir}", "model.arch=DiT-S/2",
+                      "train.steps=3", "train.ckpt_every=3", "train.sample_every=3")
+    result = train(cfg, progress=False)
+    assert result.step == 3 and all(r["loss"] > 0 for r in result.history)
+    state = torch.load(result.checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
+    assert state["model"]["x_embedder.proj.weight"].shape[1] == 4  # the DiT saw 4 latent channels
+    assert result.grid is not None and result.grid.is_file()
