@@ -12,11 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import tiny_config
 from mlflow.tracking import MlflowClient
 
 from advdit.trainer.loop import train
 from advdit.trainer.tracking import TrackingError
+
+from helpers import tiny_config
 
 pytestmark = pytest.mark.slow
 

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tiny_config
 from PIL import Image
 
 from advdit.trainer.checkpoint import CheckpointError, complete_checkpoints
 from advdit.trainer.loop import train
+
+from helpers import tiny_config
 
 
 def losses(result) -> dict[int, float]:

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from helpers import tiny_config
 
 from advdit.models.vae import LATENT_SCALE, PixelCodec, load_codec
 from advdit.trainer.loop import train
+
+from helpers import tiny_config
 
 
 @pytest.fixture(scope="module")

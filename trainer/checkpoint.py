@@ -34,8 +34,10 @@ META = "meta.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 # Keys that may differ between a checkpoint's config and the resuming run's without changing what
 # the run computes: its name and folder (runs get moved), how long to train, how often to log and save.
-RESUMABLE_CHANGES = {"run.name", "run.output_dir", "train.steps", "train.log_every", "train.ckpt_every", "train.keep_last",
-                     "train.sample_every", "tracking.uri", "tracking.enabled", "tracking.experiment"}
+RESUMABLE_CHANGES = {
+    "run.name", "run.output_dir", "train.steps", "train.log_every", "train.ckpt_every",
+    "train.keep_last", "train.sample_every", "tracking.uri", "tracking.enabled", "tracking.experiment",
+}
 
 
 class CheckpointError(RuntimeError):
