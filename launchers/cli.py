@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = data_commands.add_parser("demo", help="the procedurally drawn 10-class shapes set")
     demo.add_argument("--out", default="data/demo/train")
     demo.add_argument("--num-images", type=int, default=5120)
-    demo.add_argument("--image-size", type=int, default=32)
+    demo.add_argument("--image-size", type=int, default=16)
     demo.add_argument("--samples-per-shard", type=int, default=640)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_data_demo)

@@ -91,7 +91,7 @@ def draw_shape(label: int, size: int, rng: random.Random) -> Image.Image:
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def write_demo_shards(out_dir: str | Path, num_images: int = 5120, image_size: int = 32,
+def write_demo_shards(out_dir: str | Path, num_images: int = 5120, image_size: int = 16,
                       samples_per_shard: int = 640, seed: int = 0,
                       progress: bool = True) -> dict[str, Any]:
     """Draw ``num_images`` images (classes in turn) into shards; returns the manifest."""

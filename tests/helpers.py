@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import random
+import tarfile
 from pathlib import Path
 
 from advdit.launchers.demo_data import draw_shape
@@ -34,3 +36,14 @@ def tiny_config(output_dir: Path, shards: Path, *overrides: str) -> Config:
         "train.ema_decay=0.9", "sample.steps=5", "sample.grid_rows=1", "tracking.enabled=false",
     ]
     return load_config(None, [*base, *overrides])
+
+
+def corrupt_copy(source: Path, target: Path, bad_key: str) -> None:
+    """Copy a shard, replacing one sample's PNG bytes by garbage."""
+    with tarfile.open(source) as src, tarfile.open(target, "w") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            if member.name == f"{bad_key}.png":
+                data = b"not a png at all"
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))

@@ -16,7 +16,7 @@ def test_demo_preset_and_overrides() -> None:
                                                    "sample.grid_classes=[1, 2]"])
     assert cfg.train.steps == 200
     assert cfg.optim.lr == pytest.approx(3e-4)
-    assert cfg.model.num_classes == 10 and cfg.data.image_size == 32
+    assert cfg.model.num_classes == 10 and cfg.data.image_size == 16
     assert cfg.sample.grid_classes == [1, 2]
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from advdit.launchers.demo_data import CLASSES, write_demo_shards
 from advdit.launchers.shards import file_sha256
 from advdit.trainer.data import DataError, StreamSpec, build_loader, resolve_shards
 
-from helpers import TINY_SIZE, write_shape_shards
+from helpers import TINY_SIZE, corrupt_copy, write_shape_shards
 
 
 def spec_for(shards: list[str], batch_size: int = 8, flip: bool = False) -> StreamSpec:
@@ -75,17 +73,6 @@ def test_epochs_are_reshuffled(tiny_shards: Path) -> None:
     second = torch.cat([b["labels"] for b in batches[8:]])
     assert torch.bincount(second, minlength=10).tolist() == [32] * 10
     assert not torch.equal(first, second)
-
-
-def corrupt_copy(source: Path, target: Path, bad_key: str) -> None:
-    """Copy a shard, replacing one sample's PNG bytes by garbage."""
-    with tarfile.open(source) as src, tarfile.open(target, "w") as dst:
-        for member in src.getmembers():
-            data = src.extractfile(member).read()
-            if member.name == f"{bad_key}.png":
-                data = b"not a png at all"
-                member.size = len(data)
-            dst.addfile(member, io.BytesIO(data))
 
 
 def test_corrupt_sample_is_skipped_and_counted(tmp_path: Path, tiny_shards: Path,

@@ -14,7 +14,7 @@ from PIL import Image
 from advdit.trainer.checkpoint import CheckpointError, complete_checkpoints
 from advdit.trainer.loop import train
 
-from helpers import tiny_config
+from helpers import corrupt_copy, tiny_config
 
 
 def losses(result) -> dict[int, float]:
@@ -99,3 +99,17 @@ def test_loss_falls(tmp_path: Path, tiny_shards: Path) -> None:
                                "data.batch_size=16"), progress=False)
     values = [losses(result)[step] for step in range(1, 61)]
     assert np.mean(values[-10:]) < 0.5 * np.mean(values[:10])
+
+
+def test_corrupt_samples_are_counted_and_training_goes_on(tmp_path: Path, tiny_shards: Path) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name in ("train-000000.tar", "train-000001.tar"):
+        shutil.copy(tiny_shards / name, shards / name)
+    corrupt_copy(tiny_shards / "train-000002.tar", shards / "train-000002.tar", "000170")
+    cfg = tiny_config(tmp_path / "run", shards, "data.batch_size=40", "train.steps=6",
+                      "train.ckpt_every=6", "data.shuffle_buffer=1")
+    result = train(cfg, progress=False)
+    assert result.step == 6  # 240 samples: every sample of the 3 shards passed once
+    assert result.history[-1]["data/corrupt_samples"] == 1
+    assert all(np.isfinite(row["loss"]) for row in result.history)

@@ -38,8 +38,10 @@ def sample_images(model: nn.Module, cfg: Config, codec: PixelCodec | SDVAECodec,
     loop = diffusion.ddim_sample_loop if cfg.sample.sampler == "ddim" else diffusion.p_sample_loop
     was_training = model.training
     model.eval()
+    # Pixels live in [-1, 1], so clipping the x0 estimate at each step is safe there (ADM does it);
+    # latents have no fixed range and are left alone.
     latents = loop(guided, shape, {"y": labels}, generator=generator, device=device,
-                   progress=progress)
+                   clip_denoised=isinstance(codec, PixelCodec), progress=progress)
     model.train(was_training)
     return codec.decode(latents).clamp(-1, 1)
 
