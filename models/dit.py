@@ -135,6 +135,7 @@ class DiT(nn.Module):
         learn_sigma: bool = True,
         attention: str = "auto",
         grad_checkpointing: bool = False,
+        z_dim: int = 0,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -150,6 +151,12 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         # One extra row: the null class used for classifier-free guidance.
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)
+        # DDGAN's latent z (a multimodal denoising step) enters the conditioning like t and y.
+        self.z_dim = z_dim
+        self.z_embedder = (
+            nn.Sequential(nn.Linear(z_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+            if z_dim else None
+        )
         grid_size = input_size // patch_size
         self.pos_embed = nn.Parameter(
             sincos_pos_embed_2d(hidden_size, grid_size).unsqueeze(0), requires_grad=False
@@ -176,6 +183,9 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.z_embedder is not None:
+            # Zero output layer: a pretrained DiT given a z input starts out unchanged.
+            nn.init.zeros_(self.z_embedder[-1].weight)
         # adaLN-Zero: every residual branch and the output start at zero.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -192,13 +202,18 @@ class DiT(nn.Module):
         x = tokens.reshape(tokens.shape[0], side, side, p, p, c)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(tokens.shape[0], c, side * p, side * p)
 
-    def conditioning(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.t_embedder(t) + self.y_embedder(y)
+    def conditioning(self, t: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        c = self.t_embedder(t) + self.y_embedder(y)
+        if (z is None) != (self.z_embedder is None):
+            raise ValueError(f"this DiT has z_dim={self.z_dim}; z must be given exactly when z_dim > 0")
+        return c if z is None else c + self.z_embedder(z)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) noisy input; t: (B,) timesteps; y: (B,) labels, null class allowed."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                z: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W) noisy input; t: (B,) timesteps; y: (B,) labels, null class allowed;
+        z: (B, z_dim) latent noise, only for a DiT built with z_dim > 0 (DDGAN)."""
         tokens = self.x_embedder(x) + self.pos_embed
-        c = self.conditioning(t, y)
+        c = self.conditioning(t, y, z)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
                 tokens = checkpoint(block, tokens, c, use_reentrant=False)

@@ -81,3 +81,20 @@ def test_flatten_and_hash_follow_the_values() -> None:
 @pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_preset_loads(preset: Path) -> None:
     load_config(preset)
+
+
+def test_method_key_with_another_objective_names_its_objective() -> None:
+    with pytest.raises(ConfigError, match=r"'sadm\.lambda' belongs to objective 'sadm'.*is 'ddgan'"):
+        load_config(None, ["objective=ddgan", "sadm.lambda=0.5"])
+    with pytest.raises(ConfigError, match=r"'disc\.lr' belongs to the adversarial objectives.*'dit'"):
+        load_config(None, ["disc.lr=1e-3"])
+
+
+def test_method_keys_with_their_objective() -> None:
+    cfg = load_config(None, ["objective=sadm", "sadm.lambda=0.5", "disc.lr=2e-4"])
+    assert cfg.sadm.lambda_ == 0.5 and cfg.disc.lr == pytest.approx(2e-4)
+    assert flatten(cfg)["sadm.lambda"] == 0.5
+    with pytest.raises(ConfigError, match="needs sadm.affinity=softmax"):
+        load_config(None, ["objective=sadm", "sadm.distance=kl"])
+    with pytest.raises(ConfigError, match="objective.*must be one of"):
+        load_config(None, ["objective=wgan"])

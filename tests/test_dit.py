@@ -92,3 +92,16 @@ def test_bad_arch_and_sizes_are_clear_errors() -> None:
         build_dit("DiT-XL/3")
     with pytest.raises(ValueError, match="not divisible by patch size"):
         build_dit("DiT-S/8", input_size=12, depth=1)
+
+
+def test_z_input_starts_as_a_no_op_and_then_matters() -> None:
+    plain = perturbed(small_dit())
+    with_z = small_dit(z_dim=7)
+    with_z.load_state_dict(plain.state_dict(), strict=False)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([0, 2])
+    z = torch.randn(2, 7)
+    assert torch.equal(with_z(x, t, y, z), plain(x, t, y))  # zero-initialised z embedding
+    perturbed(with_z)
+    assert not torch.allclose(with_z(x, t, y, z), with_z(x, t, y, torch.randn(2, 7)))
+    with pytest.raises(ValueError, match="z_dim=7"):
+        with_z(x, t, y)

@@ -96,6 +96,59 @@ class SampleConfig:
 
 
 @dataclass
+class DiscConfig:
+    """The adversary of any adversarial objective (discriminator or structure encoder)."""
+
+    base_channels: int = 64
+    num_blocks: int = 2
+    lr: float = 1e-4
+    beta1: float = 0.5
+    beta2: float = 0.9
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SADMConfig:
+    """Structure-guided adversarial training; every default here is a reconstruction [INFERRED]."""
+
+    lambda_: float = 0.1  # weight of the structural distance in the denoiser's loss
+    affinity: str = "cosine"  # cosine | gaussian | softmax
+    tau: float = 0.5  # Gaussian bandwidth / softmax temperature
+    distance: str = "l1"  # l1 | l2 | kl (kl needs affinity=softmax)
+    feature_dim: int = 128
+    t_conditioned: bool = False
+    weighting: str = "snr"  # none | snr | range
+    t_max: int = 1000  # with weighting=range: the structure term uses samples with t <= t_max
+    warmup_steps: int = 0  # lambda is 0 before this step
+
+
+@dataclass
+class DiffusionGANConfig:
+    weight: float = 0.1  # weight of the generator loss in the denoiser's loss [INFERRED]
+    t_min: int = 10
+    t_max: int = 1000
+    noise_std: float = 0.5  # latents have std ~1; 0.05 is the paper's value for pixels
+    ts_dist: str = "priority"  # priority | uniform
+    clean_fraction: float = 0.5
+    target: float = 0.6
+    ada_interval: int = 4
+    ada_kimg: float = 100.0
+    r1_gamma: float = 0.05
+    r1_interval: int = 16
+
+
+@dataclass
+class DDGANConfig:
+    num_steps: int = 4
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    z_dim: int = 100
+    r1_gamma: float = 0.02
+    r1_interval: int = 1
+    mse_weight: float = 0.0  # optional denoising regulariser on x0', not in DDGAN [INFERRED]
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     # null: a sqlite store inside the run's output folder, unless MLFLOW_TRACKING_URI is set.
@@ -112,13 +165,29 @@ class Config:
     # "none" trains in pixel space; otherwise a local folder (or hub id) of an SD-VAE.
     vae: str = "none"
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # dit | sadm | diffusion_gan | ddgan: what one training step optimises.
+    objective: str = "dit"
+    disc: DiscConfig = field(default_factory=DiscConfig)
+    sadm: SADMConfig = field(default_factory=SADMConfig)
+    diffusion_gan: DiffusionGANConfig = field(default_factory=DiffusionGANConfig)
+    ddgan: DDGANConfig = field(default_factory=DDGANConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+OBJECTIVES = ("dit", "sadm", "diffusion_gan", "ddgan")
+# Sections that only one objective reads (and disc, which every adversarial objective reads).
+METHOD_SECTIONS = {"sadm": ("sadm",), "diffusion_gan": ("diffusion_gan",), "ddgan": ("ddgan",),
+                   "disc": ("sadm", "diffusion_gan", "ddgan")}
+
 CHOICES = {
+    "objective": OBJECTIVES,
     "model.attention": ("auto", "xformers", "sdpa", "math"),
+    "sadm.affinity": ("cosine", "gaussian", "softmax"),
+    "sadm.distance": ("l1", "l2", "kl"),
+    "sadm.weighting": ("none", "snr", "range"),
+    "diffusion_gan.ts_dist": ("priority", "uniform"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "sample.sampler": ("ddim", "ddpm"),
 }
@@ -172,32 +241,64 @@ def _unknown_key(key: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 
-def all_keys(node: Any, prefix: str = "") -> list[str]:
-    """Every dotted leaf key of a config dataclass."""
-    keys = []
-    for f in dataclasses.fields(node):
-        value = getattr(node, f.name)
-        if dataclasses.is_dataclass(value):
-            keys.extend(all_keys(value, f"{prefix}{f.name}."))
-        else:
-            keys.append(f"{prefix}{f.name}")
-    return keys
+def key_name(field_name: str) -> str:
+    """The config key of a dataclass field: ``lambda_`` (a Python keyword) is written ``lambda``."""
+    return field_name.rstrip("_")
 
 
-def _merge(node: Any, updates: dict[str, Any], prefix: str, valid: list[str]) -> None:
+def get_value(cfg: Config, key: str) -> Any:
+    """The value at a dotted key, e.g. ``get_value(cfg, "sadm.lambda")``."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part if hasattr(node, part) else part + "_")
+    return node
+
+
+def to_dict(node: Any) -> dict[str, Any]:
+    """The config as nested plain dicts, keyed by config key names."""
+    return {
+        key_name(f.name): to_dict(value) if dataclasses.is_dataclass(value) else value
+        for f in dataclasses.fields(node)
+        for value in [getattr(node, f.name)]
+    }
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """{"train.steps": 200, ...}: the form MLflow params take."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for name, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{name}.")
+            else:
+                flat[f"{prefix}{name}"] = value
+
+    walk(to_dict(cfg), "")
+    return flat
+
+
+def all_keys(cfg: Config) -> list[str]:
+    """Every dotted leaf key of the config."""
+    return list(flatten(cfg))
+
+
+def _merge(node: Any, updates: dict[str, Any], prefix: str, valid: list[str], set_keys: set[str]) -> None:
     if not isinstance(updates, dict):
         raise ConfigError(f"config section {prefix.rstrip('.')!r} must be a mapping, got {updates!r}")
     hints = typing.get_type_hints(type(node))
-    names = {f.name for f in dataclasses.fields(node)}
+    fields = {key_name(f.name): f.name for f in dataclasses.fields(node)}
     for name, value in updates.items():
         key = f"{prefix}{name}"
-        if name not in names:
+        if name not in fields:
             raise _unknown_key(key, valid)
-        current = getattr(node, name)
+        attribute = fields[name]
+        current = getattr(node, attribute)
         if dataclasses.is_dataclass(current):
-            _merge(current, value, f"{key}.", valid)
+            _merge(current, value, f"{key}.", valid, set_keys)
         else:
-            setattr(node, name, _coerce(value, hints[name], key))
+            setattr(node, attribute, _coerce(value, hints[attribute], key))
+            set_keys.add(key)
 
 
 def _nest(dotted: str, value: Any) -> dict[str, Any]:
@@ -216,42 +317,58 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({err})") from err
 
 
-def _validate(cfg: Config) -> None:
+def _check_method_keys(cfg: Config, set_keys: set[str]) -> None:
+    """A key of a section that the chosen objective does not read is a mistake, not a no-op."""
+    for key in sorted(set_keys):
+        owners = METHOD_SECTIONS.get(key.split(".")[0])
+        if owners and cfg.objective not in owners:
+            which = f"objective {owners[0]!r}" if len(owners) == 1 else "the adversarial objectives"
+            raise ConfigError(
+                f"config key {key!r} belongs to {which}, but objective is {cfg.objective!r}; "
+                f"remove it or set objective={owners[0]}"
+            )
+
+
+def _validate(cfg: Config, set_keys: set[str]) -> None:
     for key, choices in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = get_value(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key {key!r} must be one of {choices}, got {value!r}")
     positive = ["data.batch_size", "data.image_size", "train.steps", "train.log_every",
                 "train.ckpt_every", "train.keep_last", "train.sample_every", "sample.steps",
-                "diffusion.steps", "model.num_classes"]
+                "diffusion.steps", "model.num_classes", "ddgan.num_steps", "ddgan.z_dim",
+                "ddgan.r1_interval", "diffusion_gan.r1_interval", "disc.base_channels",
+                "disc.num_blocks", "sadm.feature_dim"]
     for key in positive:
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) <= 0:
+        if get_value(cfg, key) <= 0:
             raise ConfigError(f"config key {key!r} must be positive")
     if not 0.0 <= cfg.model.class_dropout < 1.0:
         raise ConfigError("config key 'model.class_dropout' must be in [0, 1)")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError("config key 'train.ema_decay' must be in [0, 1)")
+    if cfg.sadm.distance == "kl" and cfg.sadm.affinity != "softmax":
+        raise ConfigError("config key 'sadm.distance' = 'kl' needs sadm.affinity=softmax (row distributions)")
     bad_classes = [c for c in cfg.sample.grid_classes if not 0 <= c < cfg.model.num_classes]
     if bad_classes:
         raise ConfigError(
             f"config key 'sample.grid_classes' has labels {bad_classes} outside "
             f"[0, {cfg.model.num_classes}) (model.num_classes)"
         )
+    _check_method_keys(cfg, set_keys)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file at ``path``, then each ``key=value`` override, validated."""
     cfg = Config()
     valid = all_keys(cfg)
+    set_keys: set[str] = set()
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         with path.open() as handle:
             data = yaml.safe_load(handle) or {}
-        _merge(cfg, data, "", valid)
+        _merge(cfg, data, "", valid, set_keys)
     for text in overrides:
         key, value = parse_override(text)
         section_keys = [k for k in valid if k.startswith(key + ".")]
@@ -260,28 +377,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                               f"{section_keys[0]}=...")
         if key not in valid:
             raise _unknown_key(key, valid)
-        _merge(cfg, _nest(key, value), "", valid)
-    _validate(cfg)
+        _merge(cfg, _nest(key, value), "", valid, set_keys)
+    _validate(cfg, set_keys)
     return cfg
-
-
-def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def flatten(cfg: Config) -> dict[str, Any]:
-    """{"train.steps": 200, ...}: the form MLflow params take."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: dict[str, Any], prefix: str) -> None:
-        for name, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{name}.")
-            else:
-                flat[f"{prefix}{name}"] = value
-
-    walk(to_dict(cfg), "")
-    return flat
 
 
 def config_hash(cfg: Config) -> str:

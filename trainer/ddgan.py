@@ -1,0 +1,193 @@
+"""DDGAN's few-step VP process: schedule, real pairs, posterior sampling and the NFE = T sampler.
+
+Follows the official ``train_ddgan.py`` (``get_sigma_schedule``, ``Diffusion_Coefficients``,
+``Posterior_Coefficients``, ``q_sample_pairs``, ``sample_posterior``, ``sample_from_model``;
+methods.md 2.2, 2.3, 2.6):
+
+- levels k = 0..T on tau_k = k / T * (1 - 1e-3) + 1e-3; acp(tau) = exp(-tau^2 (beta_max -
+  beta_min) / 2 - tau beta_min); betas_k = 1 - acp(tau_k) / acp(tau_{k-1}) for k >= 1, with
+  betas_0 = 1e-8 prepended, so level 0 is (almost) clean data;
+- q(x_k | x_0) uses the cumulative products of all T + 1 betas (``marginal_mean_coef`` = the
+  code's ``a_s_cum``, ``marginal_std`` = ``sigmas_cum``);
+- the posterior tables use ``betas[1:]``: index k describes q(x_k | x_{k+1}, x_0), the step from
+  level k + 1 to level k, with no noise added at k = 0;
+- time labels: the same integer k in [0, T) is given to G and D for the pair (x_k, x_{k+1}),
+  although G's input sits at level k + 1 (methods.md 2.3, DDGAN issue #11). ``sample`` uses the
+  same convention, so G trained with these pairs samples correctly; keep it in both places.
+
+Deviation: the tables are float64 numpy, cast to the input's dtype only on lookup. The code keeps
+them in float32, where 1 - 1e-8 rounds to 1, so its level-0 noise std is exactly 0; here it is
+1e-4 (the value methods.md 2.2 gives). Every random draw comes from an explicit generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .gan import d_loss_nonsaturating, g_loss_nonsaturating, r1_penalty
+
+# generator_fn(x_t, t, z, y) -> x0' : the DDGAN generator, t the step index in [0, T).
+GeneratorFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+_EPS_SMALL = 1e-3  # the time grid starts at tau = 1e-3, not 0
+_FIRST_BETA = 1e-8
+_MIN_POSTERIOR_VARIANCE = 1e-20  # where the code clips the posterior variance before its log
+
+
+def vp_alphas_cumprod(tau: np.ndarray, beta_min: float, beta_max: float) -> np.ndarray:
+    """1 - sigma^2(tau) of the VP-SDE: exp(-tau^2 (beta_max - beta_min) / 2 - tau beta_min)."""
+    return np.exp(-0.5 * tau**2 * (beta_max - beta_min) - tau * beta_min)
+
+
+class DDGANSchedule:
+    """The tables of a T-step DDGAN process and the operations that use them."""
+
+    def __init__(self, num_steps: int = 4, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if not 0 <= beta_min <= beta_max or beta_max <= 0:
+            raise ValueError(f"beta_min, beta_max must satisfy 0 <= beta_min <= beta_max, beta_max > 0, "
+                             f"got {beta_min}, {beta_max}")
+        self.num_steps = num_steps
+        tau = np.arange(num_steps + 1, dtype=np.float64) / num_steps * (1.0 - _EPS_SMALL) + _EPS_SMALL
+        grid_acp = vp_alphas_cumprod(tau, beta_min, beta_max)
+        self.betas = np.append(_FIRST_BETA, 1.0 - grid_acp[1:] / grid_acp[:-1])  # (T + 1,)
+        self._forward_tables()
+        self._posterior_tables()
+        self._device_tables: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def _forward_tables(self) -> None:
+        # Level-indexed (T + 1,): one forward step x_{k+1} = a_{k+1} x_k + sqrt(beta_{k+1}) eps.
+        self.step_mean_coef = np.sqrt(1.0 - self.betas)  # the code's a_s
+        self.step_std = np.sqrt(self.betas)  # the code's sigmas
+        self.alphas_cumprod = np.cumprod(1.0 - self.betas)
+        self.marginal_mean_coef = np.sqrt(self.alphas_cumprod)  # a_s_cum
+        self.marginal_std = np.sqrt(1.0 - self.alphas_cumprod)  # sigmas_cum
+
+    def _posterior_tables(self) -> None:
+        # Step-indexed (T,): built from betas[1:], as the code's Posterior_Coefficients.
+        betas = self.betas[1:]
+        acp = np.cumprod(1.0 - betas)
+        acp_prev = np.append(1.0, acp[:-1])
+        self.posterior_alphas_cumprod = acp
+        self.posterior_variance = betas * (1.0 - acp_prev) / (1.0 - acp)
+        self.posterior_log_variance_clipped = np.log(np.maximum(self.posterior_variance,
+                                                                _MIN_POSTERIOR_VARIANCE))
+        self.posterior_mean_coef1 = betas * np.sqrt(acp_prev) / (1.0 - acp)
+        self.posterior_mean_coef2 = (1.0 - acp_prev) * np.sqrt(1.0 - betas) / (1.0 - acp)
+
+    # ----------------------------------------------------------------------- lookups
+
+    def _extract(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """table[t] as (B, 1, ..., 1) in like's dtype and device; device copies are cached."""
+        if t.ndim != 1 or t.shape[0] != like.shape[0]:
+            raise ValueError(f"t has shape {tuple(t.shape)}, expected ({like.shape[0]},) to match the batch")
+        key = (name, like.device, like.dtype)
+        if key not in self._device_tables:
+            self._device_tables[key] = torch.as_tensor(getattr(self, name), dtype=like.dtype,
+                                                       device=like.device)
+        values = self._device_tables[key][t.to(device=like.device, dtype=torch.long)]
+        return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+    # ----------------------------------------------------------------------- forward process
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = a_cum[t] x0 + sigma_cum[t] noise, t a level in [0, T]."""
+        return self._extract("marginal_mean_coef", t, x0) * x0 + self._extract("marginal_std", t, x0) * noise
+
+    def q_sample_pairs(self, x0: torch.Tensor, t: torch.Tensor,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A real pair (x_t, x_{t+1}) for steps t in [0, T): x_t ~ q(x_t | x0), then one forward step.
+
+        Draw order as in the code: the noise of the step, then that of x_t.
+        """
+        step_noise = _randn_like(x0, generator)
+        x_t = self.q_sample(x0, t, _randn_like(x0, generator))
+        next_level = t + 1
+        x_next = (self._extract("step_mean_coef", next_level, x0) * x_t
+                  + self._extract("step_std", next_level, x0) * step_noise)
+        return x_t, x_next
+
+    # ----------------------------------------------------------------------- reverse process
+
+    def posterior_mean_variance(self, x0_pred: torch.Tensor, x_next: torch.Tensor,
+                                t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean, variance and clipped log variance of q(x_t | x_{t+1}, x0 = x0_pred), t in [0, T)."""
+        mean = (self._extract("posterior_mean_coef1", t, x_next) * x0_pred
+                + self._extract("posterior_mean_coef2", t, x_next) * x_next)
+        variance = self._extract("posterior_variance", t, x_next)
+        log_variance = self._extract("posterior_log_variance_clipped", t, x_next)
+        return mean, variance, log_variance
+
+    def posterior_sample(self, x0_pred: torch.Tensor, x_next: torch.Tensor, t: torch.Tensor,
+                         generator: torch.Generator) -> torch.Tensor:
+        """x_t ~ q(x_t | x_{t+1}, x0_pred); the mean alone where t == 0. Differentiable in x0_pred.
+
+        The noise is drawn for the whole batch even where t == 0 (masked out), as in the code.
+        """
+        mean, _, log_variance = self.posterior_mean_variance(x0_pred, x_next, t)
+        noise = _randn_like(x_next, generator)
+        nonzero = (t != 0).to(x_next.dtype).reshape(-1, *([1] * (x_next.ndim - 1)))
+        return mean + nonzero * torch.exp(0.5 * log_variance) * noise
+
+    @torch.no_grad()
+    def sample(self, generator_fn: GeneratorFn, shape: tuple[int, ...], labels: torch.Tensor | None,
+               generator: torch.Generator, latent_dim: int,
+               device: torch.device | str | None = None) -> torch.Tensor:
+        """NFE = T sampling: x ~ N(0, I), then for t = T-1 .. 0: z ~ N(0, I_latent_dim),
+        x0' = generator_fn(x, t, z, labels), x ~ q(x_t | x, x0').
+
+        ``device`` defaults to the labels', else the generator's. Draw order per step: z, then the
+        posterior noise, as in the code's ``sample_from_model``.
+        """
+        if latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        if labels is not None and labels.shape != (shape[0],):
+            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected ({shape[0]},)")
+        if device is None:
+            device = labels.device if labels is not None else generator.device
+        x = torch.randn(shape, generator=generator, device=device)
+        for step in reversed(range(self.num_steps)):
+            t = torch.full((shape[0],), step, dtype=torch.long, device=device)
+            z = torch.randn((shape[0], latent_dim), generator=generator, device=device)
+            x0_pred = generator_fn(x, t, z, labels).to(x.dtype)
+            x = self.posterior_sample(x0_pred, x, t, generator)
+        return x
+
+
+# --------------------------------------------------------------------------- the game
+# One place for DDGAN's losses, used by the DiT objective and the 25-Gaussians benchmark alike.
+
+def discriminator_loss(disc: nn.Module, real_prev: torch.Tensor, fake_prev: torch.Tensor,
+                       x_next: torch.Tensor, t: torch.Tensor, r1_weight: float = 0.0,
+                       **cond: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Non-saturating loss of D(x_t, x_{t+1}, t) on a real and a generated x_t, plus R1.
+
+    R1 is taken with respect to the real x_t only, x_{t+1} being a detached condition, and DDGAN
+    does not rescale it by the lazy interval (methods.md 2.4, 2.10): ``r1_weight`` is gamma / 2.
+    """
+    real_prev = real_prev.detach().requires_grad_(r1_weight > 0)
+    x_next = x_next.detach()
+    real_logits = disc(real_prev, x_next, t, **cond)
+    fake_logits = disc(fake_prev.detach(), x_next, t, **cond)
+    terms = {"loss": d_loss_nonsaturating(real_logits, fake_logits),
+             "d_real": real_logits.detach().float().mean(),
+             "d_fake": fake_logits.detach().float().mean()}
+    if r1_weight > 0:
+        terms["r1"] = r1_penalty(real_logits, real_prev)
+        terms["loss"] = terms["loss"] + r1_weight * terms["r1"]
+    return terms
+
+
+def generator_loss(disc: nn.Module, fake_prev: torch.Tensor, x_next: torch.Tensor, t: torch.Tensor,
+                   **cond: torch.Tensor) -> torch.Tensor:
+    """softplus(-D(x_t', x_{t+1}, t)) for a generated x_t' drawn from the posterior."""
+    return g_loss_nonsaturating(disc(fake_prev, x_next.detach(), t, **cond))
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

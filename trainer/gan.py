@@ -1,0 +1,69 @@
+"""GAN losses shared by the adversarial objectives (methods.md 1, 3.3, 5.2 items 4 and 8).
+
+D outputs logits, as in both official codebases. Every function casts the logits to float32
+first, so under bf16/fp16 autocast the softplus, the means and the R1 gradient norms are still
+computed in float32 (methods.md 5.2 item 8); the results are float32 scalars.
+
+- Non-saturating (DDGAN and Diffusion-StyleGAN2): L_D = E softplus(-D(real)) + E softplus(D(fake)),
+  L_G = E softplus(-D(fake)).
+- Hinge (Diffusion-ProjectedGAN): L_D = E relu(1 - D(real)) + E relu(1 + D(fake)), L_G = -E D(fake).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _as_float32(logits: torch.Tensor, name: str) -> torch.Tensor:
+    if logits.numel() == 0:
+        raise ValueError(f"{name} is empty; expected at least one logit")
+    if not logits.is_floating_point():
+        raise ValueError(f"{name} has dtype {logits.dtype}; expected floating-point logits")
+    return logits.float()
+
+
+def d_loss_nonsaturating(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """mean softplus(-real) + mean softplus(fake), i.e. -log sigma(real) - log(1 - sigma(fake))."""
+    real = _as_float32(real_logits, "real_logits")
+    fake = _as_float32(fake_logits, "fake_logits")
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+
+def g_loss_nonsaturating(fake_logits: torch.Tensor) -> torch.Tensor:
+    """mean softplus(-fake), i.e. -log sigma(fake)."""
+    return F.softplus(-_as_float32(fake_logits, "fake_logits")).mean()
+
+
+def d_loss_hinge(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """mean relu(1 - real) + mean relu(1 + fake)."""
+    real = _as_float32(real_logits, "real_logits")
+    fake = _as_float32(fake_logits, "fake_logits")
+    return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+
+
+def g_loss_hinge(fake_logits: torch.Tensor) -> torch.Tensor:
+    """-mean fake."""
+    return -_as_float32(fake_logits, "fake_logits").mean()
+
+
+def r1_penalty(real_logits: torch.Tensor, real_inputs: torch.Tensor) -> torch.Tensor:
+    """Batch mean of ||d sum(real_logits) / d real_inputs_i||^2, with the graph kept for backward.
+
+    The caller multiplies by ``gamma / 2`` (and, for StyleGAN2-style lazy regularisation, by the
+    interval; DDGAN does not, methods.md 2.10 item 2). Which tensor ``real_inputs`` is decides the
+    penalty: DDGAN takes the real x_{t-1} only, with x_t a detached condition (methods.md 2.4);
+    Diffusion-GAN takes the clean real image *before* the diffusion, so the gradient passes through
+    sqrt(alphas_cumprod_t) (methods.md 3.3, 3.10 item 5). ``real_inputs`` must require grad and
+    ``real_logits`` must have been computed from it.
+    """
+    if not real_inputs.requires_grad:
+        raise ValueError("real_inputs must require grad (set requires_grad before computing real_logits)")
+    logits = _as_float32(real_logits, "real_logits")
+    (grad,) = torch.autograd.grad(logits.sum(), real_inputs, create_graph=True)
+    return grad.float().square().reshape(grad.shape[0], -1).sum(dim=1).mean()
+
+
+def sign_statistic(real_logits: torch.Tensor) -> torch.Tensor:
+    """Mean of sign(real_logits), Diffusion-GAN's overfitting statistic r_d (float32, 0-dim)."""
+    return torch.sign(_as_float32(real_logits, "real_logits").detach()).mean()
