@@ -234,3 +234,16 @@ def test_two_process_controller_all_reduces_the_sign_statistic(two_process_resul
         assert r_d == pytest.approx(0.8)
         assert p == pytest.approx(0.1 * step)
         assert T == 10 + round(0.1 * step * 990)
+
+
+def test_weights_make_a_weighted_mean_of_the_pairs() -> None:
+    generator = torch.Generator().manual_seed(5)
+    real = affinity(torch.randn(4, 3, generator=generator))
+    fake = affinity(torch.randn(4, 3, generator=generator))
+    weights = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    # Only the pair (0, 1) and (1, 0) keep weight: the distance is their mean |difference|.
+    expected = (real[0, 1] - fake[0, 1]).abs()
+    assert torch.allclose(structural_distance(real, fake, "l1", weights), expected)
+    assert torch.allclose(structural_distance(real, fake, "l1", torch.ones(4)),
+                          structural_distance(real, fake, "l1"))
+    assert structural_distance(real, fake, "l2", torch.zeros(4)) == 0

@@ -23,12 +23,18 @@ them in float32, where 1 - 1e-8 rounds to 1, so its level-0 noise std is exactly
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from torch import nn
 
+from ..models.diffusion import GaussianDiffusion
+from ..models.discriminators import PairDiscriminator
+from .config import Config
 from .gan import d_loss_nonsaturating, g_loss_nonsaturating, r1_penalty
+from .objectives import Adversary, DiffusionObjective, StepContext, check_finite, drop_labels
 
 # generator_fn(x_t, t, z, y) -> x0' : the DDGAN generator, t the step index in [0, T).
 GeneratorFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -82,7 +88,7 @@ class DDGANSchedule:
 
     # ----------------------------------------------------------------------- lookups
 
-    def _extract(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def extract(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """table[t] as (B, 1, ..., 1) in like's dtype and device; device copies are cached."""
         if t.ndim != 1 or t.shape[0] != like.shape[0]:
             raise ValueError(f"t has shape {tuple(t.shape)}, expected ({like.shape[0]},) to match the batch")
@@ -97,7 +103,7 @@ class DDGANSchedule:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = a_cum[t] x0 + sigma_cum[t] noise, t a level in [0, T]."""
-        return self._extract("marginal_mean_coef", t, x0) * x0 + self._extract("marginal_std", t, x0) * noise
+        return self.extract("marginal_mean_coef", t, x0) * x0 + self.extract("marginal_std", t, x0) * noise
 
     def q_sample_pairs(self, x0: torch.Tensor, t: torch.Tensor,
                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +114,8 @@ class DDGANSchedule:
         step_noise = _randn_like(x0, generator)
         x_t = self.q_sample(x0, t, _randn_like(x0, generator))
         next_level = t + 1
-        x_next = (self._extract("step_mean_coef", next_level, x0) * x_t
-                  + self._extract("step_std", next_level, x0) * step_noise)
+        x_next = (self.extract("step_mean_coef", next_level, x0) * x_t
+                  + self.extract("step_std", next_level, x0) * step_noise)
         return x_t, x_next
 
     # ----------------------------------------------------------------------- reverse process
@@ -117,10 +123,10 @@ class DDGANSchedule:
     def posterior_mean_variance(self, x0_pred: torch.Tensor, x_next: torch.Tensor,
                                 t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and clipped log variance of q(x_t | x_{t+1}, x0 = x0_pred), t in [0, T)."""
-        mean = (self._extract("posterior_mean_coef1", t, x_next) * x0_pred
-                + self._extract("posterior_mean_coef2", t, x_next) * x_next)
-        variance = self._extract("posterior_variance", t, x_next)
-        log_variance = self._extract("posterior_log_variance_clipped", t, x_next)
+        mean = (self.extract("posterior_mean_coef1", t, x_next) * x0_pred
+                + self.extract("posterior_mean_coef2", t, x_next) * x_next)
+        variance = self.extract("posterior_variance", t, x_next)
+        log_variance = self.extract("posterior_log_variance_clipped", t, x_next)
         return mean, variance, log_variance
 
     def posterior_sample(self, x0_pred: torch.Tensor, x_next: torch.Tensor, t: torch.Tensor,
@@ -191,3 +197,100 @@ def generator_loss(disc: nn.Module, fake_prev: torch.Tensor, x_next: torch.Tenso
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+# --------------------------------------------------------------------------- the objective
+
+class DDGANObjective(DiffusionObjective):
+    """A few-step DiT whose every reverse step is a conditional GAN (methods.md 2.5, 5.3 C).
+
+    The DiT is the generator G(x_{t+1}, z, t) -> x0': it keeps its eps parameterisation, at the DiT
+    timestep whose alphas_cumprod is nearest to that of the DDGAN level (so a pretrained DiT starts
+    as a sensible denoiser, [INFERRED]), and z enters through its zero-initialised z embedding.
+    Per step, as the official loop: a D step on a real pair and a generated x_t drawn from the
+    posterior q(x_t | x_{t+1}, x0'), with R1 on the real x_t every ``r1_interval`` steps; then a G
+    step on freshly drawn t, pairs and z. ``mse_weight`` adds an optional ||x0' - x0||^2 term (not
+    in DDGAN). Sampling takes NFE = num_steps and no classifier-free guidance.
+    """
+
+    name = "ddgan"
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: Any, diffusion: GaussianDiffusion,
+                 channels: int, latent_size: int) -> None:
+        super().__init__(cfg, accelerator, model, optimizer, scheduler, diffusion, channels, latent_size)
+        dd = cfg.ddgan
+        self.schedule = DDGANSchedule(dd.num_steps, dd.beta_min, dd.beta_max)
+        disc = PairDiscriminator(channels, latent_size, cfg.model.num_classes, cfg.disc.base_channels,
+                                 cfg.disc.num_blocks, num_steps=dd.num_steps)
+        self.disc = Adversary(accelerator, disc, cfg.disc)
+        # For each DDGAN level, the DiT timestep with the nearest alphas_cumprod.
+        gaps = np.abs(diffusion.alphas_cumprod[None, :] - self.schedule.alphas_cumprod[:, None])
+        self.dit_timesteps = torch.as_tensor(gaps.argmin(axis=1), dtype=torch.long)
+
+    @staticmethod
+    def denoiser_kwargs(cfg: Config) -> dict[str, Any]:
+        return {"z_dim": cfg.ddgan.z_dim}
+
+    def predict_x0(self, model: nn.Module, x_next: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
+                   labels: torch.Tensor | None) -> torch.Tensor:
+        """G(x_{t+1}, z, t): the DiT's eps at level t + 1, turned into x0'."""
+        level = t + 1
+        dit_t = self.dit_timesteps.to(t.device)[level]
+        with self.accelerator.autocast():
+            eps = model(x_next, dit_t, labels, z)[:, : self.channels].float()
+        signal = self.schedule.extract("marginal_mean_coef", level, x_next)
+        noise = self.schedule.extract("marginal_std", level, x_next)
+        return (x_next - noise * eps) / signal
+
+    def fake_pair(self, latents: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+                  ) -> tuple[torch.Tensor, ...]:
+        """(t, real x_t, x_{t+1}, x0', generated x_t) for fresh t, pairs and z."""
+        t = torch.randint(0, self.schedule.num_steps, (latents.shape[0],), generator=generator,
+                          device=latents.device)
+        real_prev, x_next = self.schedule.q_sample_pairs(latents, t, generator)
+        z = torch.randn((latents.shape[0], self.cfg.ddgan.z_dim), generator=generator, device=latents.device)
+        x0_pred = self.predict_x0(self.model, x_next, t, z, labels)
+        fake_prev = self.schedule.posterior_sample(x0_pred, x_next, t, generator)
+        return t, real_prev, x_next, x0_pred, fake_prev
+
+    def train_step(self, latents: torch.Tensor, labels: torch.Tensor,
+                   ctx: StepContext) -> dict[str, torch.Tensor]:
+        dd = self.cfg.ddgan
+        generator = ctx.generator(latents.device)
+        labels = drop_labels(labels, self.cfg.model.class_dropout, self.cfg.model.num_classes, generator)
+        with torch.no_grad():
+            t, real_prev, x_next, _, fake_prev = self.fake_pair(latents, labels, generator)
+        r1_weight = dd.r1_gamma / 2 if dd.r1_gamma > 0 and ctx.step % dd.r1_interval == 0 else 0.0
+        with self.accelerator.autocast():
+            d_terms = discriminator_loss(self.disc.net, real_prev, fake_prev, x_next, t, r1_weight, y=labels)
+        self.disc.step(d_terms["loss"], "ddgan discriminator loss", ctx)
+
+        with self.disc.frozen():
+            t, _, x_next, x0_pred, fake_prev = self.fake_pair(latents, labels, generator)
+            with self.accelerator.autocast():
+                g_loss = generator_loss(self.disc.net, fake_prev, x_next, t, y=labels)
+            mse = (x0_pred - latents).square().mean()
+            loss = g_loss + dd.mse_weight * mse
+            check_finite(loss, "ddgan generator loss", ctx.step)
+            grad_norm = self.step_denoiser(loss, ctx)
+        metrics = {"loss": loss.detach(), "loss_g": g_loss.detach(), "loss_x0_mse": mse.detach(),
+                   "loss_d": d_terms["loss"].detach(), "d_real": d_terms["d_real"],
+                   "d_fake": d_terms["d_fake"]}
+        if "r1" in d_terms:
+            metrics["r1"] = d_terms["r1"].detach()
+        if grad_norm is not None:
+            metrics["grad_norm"] = torch.as_tensor(grad_norm).detach()
+        return metrics
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, labels: torch.Tensor, generator: torch.Generator,
+               clip_denoised: bool) -> torch.Tensor:
+        """NFE = num_steps posterior sampling (x0' clipped to [-1, 1] in pixel space)."""
+        def generator_fn(x: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
+                         y: torch.Tensor | None) -> torch.Tensor:
+            x0 = self.predict_x0(model, x, t, z, y)
+            return x0.clamp(-1, 1) if clip_denoised else x0
+
+        shape = (len(labels), self.channels, self.latent_size, self.latent_size)
+        return self.schedule.sample(generator_fn, shape, labels, generator, self.cfg.ddgan.z_dim)

@@ -26,9 +26,14 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
+from accelerate import Accelerator
 from torch import nn
 
+from ..models.diffusion import GaussianDiffusion
+from ..models.discriminators import TimestepClassDiscriminator
+from .config import Config
 from .gan import d_loss_nonsaturating, g_loss_nonsaturating, r1_penalty
+from .objectives import ADVERSARY_STREAM, Adversary, DiffusionObjective, StepContext, check_finite
 
 T_DISTRIBUTIONS = ("priority", "uniform")
 
@@ -258,3 +263,70 @@ def _check_config(beta_start: float, beta_end: float, t_min: int, t_max: int, no
         raise ValueError(f"ada_interval and epl_size must be >= 1, got {ada_interval}, {epl_size}")
     if ada_kimg <= 0:
         raise ValueError(f"ada_kimg must be > 0, got {ada_kimg}")
+
+
+# --------------------------------------------------------------------------- the objective
+
+class DiffusionGANObjective(DiffusionObjective):
+    """DiT + a Diffusion-GAN discriminator as an adversarial regulariser (methods.md 5.3 B).
+
+    The generator's sample is the denoiser's x0 prediction at its random t. Per step, with one
+    forward pass of the denoiser:
+    1. D step on the adaptively diffused real x0 and (detached) x0 prediction, with lazy R1 every
+       ``r1_interval`` steps (weight gamma / 2 * interval, StyleGAN2's convention);
+    2. denoiser step, D frozen: L_denoise + weight * softplus(-D(diffuse(x0_pred))), the adversarial
+       gradient reaching the DiT through the diffusion and the predicted eps;
+    3. the controller's update (every ``ada_interval`` steps it moves p and T from r_d).
+    """
+
+    name = "diffusion_gan"
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: Any, diffusion: GaussianDiffusion,
+                 channels: int, latent_size: int) -> None:
+        super().__init__(cfg, accelerator, model, optimizer, scheduler, diffusion, channels, latent_size)
+        dg = cfg.diffusion_gan
+        disc = TimestepClassDiscriminator(channels, latent_size, cfg.model.num_classes,
+                                          cfg.disc.base_channels, cfg.disc.num_blocks, t_max=dg.t_max)
+        self.disc = Adversary(accelerator, disc, cfg.disc)
+        self.controller = AdaptiveDiffusion(t_min=dg.t_min, t_max=dg.t_max, noise_std=dg.noise_std,
+                                            ts_dist=dg.ts_dist, clean_fraction=dg.clean_fraction,
+                                            target=dg.target, ada_interval=dg.ada_interval,
+                                            ada_kimg=dg.ada_kimg, seed=cfg.run.seed)
+
+    def checkpoint_objects(self) -> list[Any]:
+        return [self.controller]
+
+    def train_step(self, latents: torch.Tensor, labels: torch.Tensor,
+                   ctx: StepContext) -> dict[str, torch.Tensor]:
+        dg = self.cfg.diffusion_gan
+        denoised = self.denoise(latents, labels, ctx.generator(latents.device))
+        adversary_generator = ctx.generator(latents.device, ADVERSARY_STREAM)
+        lazy_r1 = dg.r1_gamma > 0 and ctx.step % dg.r1_interval == 0
+        with self.accelerator.autocast():
+            d_terms = discriminator_loss(self.disc.net, self.controller, latents, denoised.x0_pred,
+                                         adversary_generator, dg.r1_gamma / 2 * dg.r1_interval * lazy_r1,
+                                         y=denoised.labels)
+        self.disc.step(d_terms["loss"], "diffusion_gan discriminator loss", ctx)
+
+        with self.disc.frozen():
+            with self.accelerator.autocast():
+                g_loss = generator_loss(self.disc.net, self.controller, denoised.x0_pred,
+                                        adversary_generator, y=denoised.labels)
+            denoise_loss = denoised.terms["loss"].mean()
+            loss = denoise_loss + dg.weight * g_loss
+            check_finite(loss, "denoiser loss (denoise + weight * generator loss)", ctx.step)
+            grad_norm = self.step_denoiser(loss, ctx)
+
+        world_batch = latents.shape[0] * self.accelerator.num_processes
+        stats = self.controller.update(world_batch, adversary_generator)
+        metrics = self.base_metrics(denoised, loss, grad_norm)
+        metrics.update({"loss_denoise": denoise_loss.detach(), "loss_g": g_loss.detach(),
+                        "loss_d": d_terms["loss"].detach(), "d_real": d_terms["d_real"],
+                        "d_fake": d_terms["d_fake"], "ada/p": torch.tensor(self.controller.p),
+                        "ada/T": torch.tensor(float(self.controller.T))})
+        if stats is not None:  # r_d exists only on the steps that adjust p
+            metrics["ada/r_d"] = torch.tensor(stats.r_d)
+        if "r1" in d_terms:
+            metrics["r1"] = d_terms["r1"].detach()
+        return metrics

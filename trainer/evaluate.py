@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..models.diffusion import build_diffusion, cfg_model_fn
 from ..models.vae import PixelCodec, SDVAECodec
 from .config import Config
+from .objectives import DiffusionObjective
 
 
 def grid_labels(cfg: Config) -> list[int]:
@@ -23,25 +23,15 @@ def grid_labels(cfg: Config) -> list[int]:
 
 
 @torch.no_grad()
-def sample_images(model: nn.Module, cfg: Config, codec: PixelCodec | SDVAECodec,
-                  labels: torch.Tensor, seed: int, progress: bool = False) -> torch.Tensor:
-    """Images in [-1, 1] for ``labels``, with the configured sampler, steps and CFG scale."""
-    device = labels.device
-    diffusion = build_diffusion(cfg.diffusion.steps, cfg.diffusion.beta_start,
-                                cfg.diffusion.beta_end, cfg.model.learn_sigma,
-                                respacing=f"ddim{cfg.sample.steps}" if cfg.sample.sampler == "ddim"
-                                else cfg.sample.steps)
-    size = cfg.data.image_size // codec.downsample
-    shape = (len(labels), codec.channels, size, size)
-    guided = cfg_model_fn(model, cfg.sample.cfg_scale, cfg.model.num_classes, codec.channels)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    loop = diffusion.ddim_sample_loop if cfg.sample.sampler == "ddim" else diffusion.p_sample_loop
+def sample_images(model: nn.Module, objective: DiffusionObjective, codec: PixelCodec | SDVAECodec,
+                  labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """Images in [-1, 1] for ``labels``, drawn the way the objective samples (diffusion or DDGAN)."""
+    generator = torch.Generator(device=labels.device).manual_seed(seed)
     was_training = model.training
     model.eval()
     # Pixels live in [-1, 1], so clipping the x0 estimate at each step is safe there (ADM does it);
     # latents have no fixed range and are left alone.
-    latents = loop(guided, shape, {"y": labels}, generator=generator, device=device,
-                   clip_denoised=isinstance(codec, PixelCodec), progress=progress)
+    latents = objective.sample(model, labels, generator, clip_denoised=isinstance(codec, PixelCodec))
     model.train(was_training)
     return codec.decode(latents).clamp(-1, 1)
 
@@ -71,12 +61,12 @@ def save_grid(images: torch.Tensor, columns: int, path: str | Path, scale: int =
     return path
 
 
-def sample_grid(model: nn.Module, cfg: Config, codec: PixelCodec | SDVAECodec,
-                device: torch.device, path: str | Path) -> Path:
+def sample_grid(model: nn.Module, objective: DiffusionObjective, cfg: Config,
+                codec: PixelCodec | SDVAECodec, device: torch.device, path: str | Path) -> Path:
     """A grid with one column per class and ``sample.grid_rows`` rows; the same seed every time,
     so grids of successive steps show the same noise developing."""
     classes = grid_labels(cfg)
     labels = torch.tensor(classes * cfg.sample.grid_rows, device=device)
-    images = sample_images(model, cfg, codec, labels, seed=cfg.run.seed)
+    images = sample_images(model, objective, codec, labels, seed=cfg.run.seed)
     scale = max(1, 128 // cfg.data.image_size)
     return save_grid(images, len(classes), path, scale=scale)

@@ -30,7 +30,7 @@ from .config import Config, config_hash, dump_yaml, flatten
 from .data import StreamSpec, build_loader, resolve_shards
 from .ema import EMA
 from .evaluate import sample_grid
-from .objectives import VAE_STREAM, DiffusionObjective, StepContext, step_generator
+from .objectives import VAE_STREAM, StepContext, objective_class, step_generator
 from .tracking import MlflowTracker, check_reachable, resolve_uri
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,30 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> tuple[torch.optim.Op
     return optimizer, scheduler
 
 
+class MetricWindow:
+    """Per-metric sums since the last log (a metric may be reported only on some steps, e.g. a
+    lazy R1), and the images and time of the window for images/s."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.images = 0
+        self.start = time.perf_counter()
+
+    def add(self, metrics: dict[str, torch.Tensor], images: int) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+        self.images += images
+
+    def means(self) -> dict[str, float]:
+        """Reads the sums back: the one host-device sync of a logging interval."""
+        return {key: (value / self.counts[key]).item() for key, value in self.sums.items()}
+
+    def images_per_sec(self) -> float:
+        return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+
 class Trainer:
     """One training run. ``Trainer(cfg).run()`` trains to ``train.steps`` and returns a summary."""
 
@@ -93,7 +117,8 @@ class Trainer:
             check_reachable(resolve_uri(self.cfg.tracking.uri, self.output_dir))
         return shards
 
-    def _build(self) -> None:
+    def build(self) -> None:
+        """Networks, optimizers and the objective (called by run; public for tools and tests)."""
         cfg, accelerator = self.cfg, self.accelerator
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.codec = load_codec(cfg.vae).to(accelerator.device)
@@ -102,17 +127,20 @@ class Trainer:
                           depth=cfg.model.depth, hidden_size=cfg.model.hidden_size,
                           num_heads=cfg.model.num_heads, num_classes=cfg.model.num_classes,
                           learn_sigma=cfg.model.learn_sigma, attention=cfg.model.attention,
-                          grad_checkpointing=cfg.model.grad_checkpointing)
+                          grad_checkpointing=cfg.model.grad_checkpointing,
+                          **objective_class(cfg.objective).denoiser_kwargs(cfg))
         self.ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
         self.ema.model.to(accelerator.device)
         optimizer, scheduler = build_optimizer(model, cfg)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
-        accelerator.register_for_checkpointing(self.ema, self.state)
-        self.diffusion = build_diffusion(cfg.diffusion.steps, cfg.diffusion.beta_start,
-                                         cfg.diffusion.beta_end, cfg.model.learn_sigma)
-        self.objective = DiffusionObjective(self.model, self.optimizer, self.scheduler,
-                                            self.diffusion, cfg.model.class_dropout,
-                                            cfg.model.num_classes)
+        diffusion = build_diffusion(cfg.diffusion.steps, cfg.diffusion.beta_start,
+                                    cfg.diffusion.beta_end, cfg.model.learn_sigma)
+        # The objective prepares its own adversaries: after the denoiser, so the denoiser stays
+        # accelerate's model 0 in every checkpoint.
+        self.objective = objective_class(cfg.objective)(
+            cfg, accelerator, self.model, self.optimizer, self.scheduler, diffusion,
+            self.codec.channels, latent_size)
+        accelerator.register_for_checkpointing(self.ema, self.state, *self.objective.checkpoint_objects())
         self.num_params = sum(p.numel() for p in model.parameters())
 
     def _check_resumed_config(self, meta: dict[str, Any]) -> None:
@@ -143,9 +171,8 @@ class Trainer:
             self.tracker.set_tag(f"config_changes_at_step_{self.state.step}", json.dumps(listing))
 
     # ------------------------------------------------------------------ steps
-    def _log(self, sums: dict[str, torch.Tensor], count: int, images: int, seconds: float,
-             bar: tqdm | None) -> None:
-        metrics = {key: (value / count).item() for key, value in sums.items()}
+    def _log(self, window: MetricWindow, bar: tqdm | None) -> None:
+        metrics = window.means()
         bad = [key for key, value in metrics.items() if not math.isfinite(value)]
         if bad:
             raise FloatingPointError(
@@ -154,7 +181,7 @@ class Trainer:
             )
         metrics.update({
             "lr": self.scheduler.get_last_lr()[0],
-            "images_per_sec": images / max(seconds, 1e-9),
+            "images_per_sec": window.images_per_sec(),
             "images_seen": self.state.images_seen,
             "data/corrupt_samples": self.state.corrupt_samples,
         })
@@ -181,7 +208,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return None
         path = self.output_dir / "samples" / f"step_{self.state.step:08d}.png"
-        sample_grid(self.ema.model, self.cfg, self.codec, self.accelerator.device, path)
+        sample_grid(self.ema.model, self.objective, self.cfg, self.codec, self.accelerator.device, path)
         if self.tracker:
             self.tracker.log_artifact(path, "samples")
         return path
@@ -192,7 +219,7 @@ class Trainer:
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
-        self._build()
+        self.build()
         resumed = resume_from(accelerator, self.resume, self.output_dir,
                               self._check_resumed_config)
         self._open_tracker()
@@ -222,8 +249,7 @@ class Trainer:
         batches = iter(loader)
         bar = tqdm(total=cfg.train.steps, initial=self.state.step, desc="train", unit="step",
                    disable=not (self.progress and accelerator.is_main_process))
-        sums: dict[str, torch.Tensor] = {}
-        window_start, window_images, window_steps = time.perf_counter(), 0, 0
+        window = MetricWindow()
         checkpoint = grid = None
         self.model.train()
         while self.state.step < cfg.train.steps:
@@ -239,16 +265,12 @@ class Trainer:
             self.state.step += 1
             self.state.images_seen += len(images) * accelerator.num_processes
             self.state.corrupt_samples += batch["corrupt"]
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0) + value
-            window_images += len(images) * accelerator.num_processes
-            window_steps += 1
+            window.add(metrics, len(images) * accelerator.num_processes)
             bar.update(1)
             step, last = self.state.step, self.state.step == cfg.train.steps
             if step % cfg.train.log_every == 0 or last:
-                self._log(sums, window_steps, window_images, time.perf_counter() - window_start, bar)
-                sums, window_images, window_steps = {}, 0, 0
-                window_start = time.perf_counter()
+                self._log(window, bar)
+                window = MetricWindow()
             if step % cfg.train.ckpt_every == 0 or last:
                 checkpoint = self._checkpoint()
             if step % cfg.train.sample_every == 0 or last:

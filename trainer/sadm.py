@@ -20,10 +20,19 @@ denoiser's x0 prediction from the noised real, methods.md 4.3 item 6). All resul
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from ..models.diffusion import GaussianDiffusion
+from ..models.discriminators import StructureEncoder
+from .config import Config
+from .objectives import Adversary, DiffusionObjective, StepContext, check_finite
 
 AFFINITIES = ("cosine", "gaussian", "softmax")
 DISTANCES = ("l1", "l2", "kl")
@@ -61,11 +70,14 @@ def affinity(features: torch.Tensor, kind: str = "cosine", tau: float = 0.5) -> 
     return torch.exp(-squared_distances / tau) * off_diagonal
 
 
-def structural_distance(real_aff: torch.Tensor, fake_aff: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+def structural_distance(real_aff: torch.Tensor, fake_aff: torch.Tensor, kind: str = "l1",
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
     """Distance between paired (B, B) affinity matrices, over the off-diagonal entries only.
 
     'l1' / 'l2': mean over i != j of |A_ij - A'_ij| or its square. 'kl': (1/B) sum_i
     KL(real_i. || fake_i.), for row-stochastic affinities (``affinity(kind='softmax')``).
+    ``weights`` (B,), e.g. from ``timestep_weight``, turn the means into weighted means: pair
+    (i, j) counts w_i w_j, row i counts w_i. All-zero weights give 0.
     """
     if kind not in DISTANCES:
         raise ValueError(f"kind must be one of {DISTANCES}, got {kind!r}")
@@ -75,7 +87,10 @@ def structural_distance(real_aff: torch.Tensor, fake_aff: torch.Tensor, kind: st
     n = real_aff.shape[0]
     if n < 2:
         raise ValueError(f"affinities must be at least 2 x 2, got {n} x {n}")
+    if weights is not None and weights.shape != (n,):
+        raise ValueError(f"weights has shape {tuple(weights.shape)}, expected ({n},)")
     real, fake = real_aff.float(), fake_aff.float()
+    row_weights = torch.ones(n, device=real.device) if weights is None else weights.float().detach()
     # Masks multiply rather than index: boolean indexing would sync the device.
     off_diagonal = _off_diagonal(n, real.device)
     if kind == "kl":
@@ -83,10 +98,12 @@ def structural_distance(real_aff: torch.Tensor, fake_aff: torch.Tensor, kind: st
         # and its gradient 0 * inf = nan even under the mask.
         tiny = torch.finfo(torch.float32).tiny
         terms = real * (torch.log(real.clamp_min(tiny)) - torch.log(fake.clamp_min(tiny)))
-        return (terms * off_diagonal).sum() / n
+        per_row = (terms * off_diagonal).sum(dim=1)
+        return (per_row * row_weights).sum() / row_weights.sum().clamp_min(tiny)
     difference = real - fake
     terms = difference.abs() if kind == "l1" else difference.square()
-    return (terms * off_diagonal).sum() / (n * (n - 1))
+    pair_weights = row_weights[:, None] * row_weights[None, :] * off_diagonal
+    return (terms * pair_weights).sum() / pair_weights.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def gather_rows_with_local_grad(features: torch.Tensor) -> torch.Tensor:
@@ -127,3 +144,57 @@ def timestep_weight(t: torch.Tensor, alphas_cumprod: np.ndarray | torch.Tensor, 
         return (t <= t_max).float()
     table = torch.as_tensor(alphas_cumprod, dtype=torch.float32, device=t.device)
     return table[t.long()]
+
+
+# --------------------------------------------------------------------------- the objective
+
+class SADMObjective(DiffusionObjective):
+    """DiT + a structure discriminator (methods.md 4.4, a reconstruction).
+
+    Per step, with one forward pass of the denoiser:
+    1. the encoder takes an ascent step on D(phi, sg[x0_pred]), the structural distance between
+       the affinities of the real batch and of the denoiser's x0 predictions;
+    2. the denoiser, with the encoder frozen, descends on L_denoise + lambda * D(phi, x0_pred).
+    In multi-process runs the affinities cover the gathered global batch, with gradients on the
+    local rows. ``sadm.weighting`` down-weights samples whose x0 prediction is a blurry mean.
+    """
+
+    name = "sadm"
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: Any, diffusion: GaussianDiffusion,
+                 channels: int, latent_size: int) -> None:
+        super().__init__(cfg, accelerator, model, optimizer, scheduler, diffusion, channels, latent_size)
+        encoder = StructureEncoder(channels, latent_size, cfg.sadm.feature_dim, cfg.disc.base_channels,
+                                   cfg.disc.num_blocks, cfg.sadm.t_conditioned)
+        self.encoder = Adversary(accelerator, encoder, cfg.disc)
+
+    def distance(self, real: torch.Tensor, predicted: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sadm = self.cfg.sadm
+        t_input = t if sadm.t_conditioned else None
+        with self.accelerator.autocast():
+            real_features = self.encoder.net(real, t_input)
+            fake_features = self.encoder.net(predicted, t_input)
+        weights = timestep_weight(t, self.diffusion.alphas_cumprod, sadm.weighting, sadm.t_max)
+        real_aff = affinity(gather_rows_with_local_grad(real_features.float()), sadm.affinity, sadm.tau)
+        fake_aff = affinity(gather_rows_with_local_grad(fake_features.float()), sadm.affinity, sadm.tau)
+        return structural_distance(real_aff, fake_aff, sadm.distance, gather_rows_with_local_grad(weights))
+
+    def train_step(self, latents: torch.Tensor, labels: torch.Tensor,
+                   ctx: StepContext) -> dict[str, torch.Tensor]:
+        denoised = self.denoise(latents, labels, ctx.generator(latents.device))
+        encoder_distance = self.distance(latents, denoised.x0_pred.detach(), denoised.t)
+        self.encoder.step(-encoder_distance, "sadm encoder loss (-distance)", ctx)
+
+        lam = self.cfg.sadm.lambda_ if ctx.step >= self.cfg.sadm.warmup_steps else 0.0
+        with self.encoder.frozen():
+            denoiser_distance = self.distance(latents, denoised.x0_pred, denoised.t)
+            denoise_loss = denoised.terms["loss"].mean()
+            loss = denoise_loss + lam * denoiser_distance
+            check_finite(loss, "denoiser loss (denoise + lambda * distance)", ctx.step)
+            grad_norm = self.step_denoiser(loss, ctx)
+        metrics = self.base_metrics(denoised, loss, grad_norm)
+        metrics.update({"loss_denoise": denoise_loss.detach(),
+                        "sadm/distance_encoder": encoder_distance.detach(),
+                        "sadm/distance_denoiser": denoiser_distance.detach()})
+        return metrics

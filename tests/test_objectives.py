@@ -1,0 +1,89 @@
+"""The adversarial objectives inside the real training loop: steps, metrics, exact resume, NaN."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from advdit.trainer.checkpoint import complete_checkpoints
+from advdit.trainer.loop import Trainer, train
+from advdit.trainer.objectives import StepContext
+
+from helpers import tiny_config
+
+ADVERSARIAL = {
+    "sadm": ["objective=sadm", "sadm.lambda=1.0", "sadm.feature_dim=16"],
+    "diffusion_gan": ["objective=diffusion_gan", "diffusion_gan.r1_interval=2",
+                      "diffusion_gan.ada_interval=2", "diffusion_gan.ada_kimg=0.1"],
+    "ddgan": ["objective=ddgan", "ddgan.z_dim=8", "ddgan.r1_interval=2"],
+}
+SMALL_DISC = ["disc.base_channels=8", "disc.num_blocks=2"]
+LOGGED = {
+    "sadm": {"loss_denoise", "sadm/distance_encoder", "sadm/distance_denoiser", "loss_mse", "loss_vb"},
+    "diffusion_gan": {"loss_denoise", "loss_g", "loss_d", "d_real", "d_fake", "r1", "ada/p", "ada/T",
+                      "ada/r_d"},
+    "ddgan": {"loss_g", "loss_d", "d_real", "d_fake", "r1", "loss_x0_mse"},
+}
+
+
+def config(out: Path, shards: Path, method: str, *extra: str):
+    return tiny_config(out, shards, *ADVERSARIAL[method], *SMALL_DISC, "train.steps=4",
+                       "train.ckpt_every=2", "train.sample_every=4", *extra)
+
+
+@pytest.mark.parametrize("method", sorted(ADVERSARIAL))
+def test_objective_trains_logs_and_resumes_exactly(method: str, tmp_path: Path, tiny_shards: Path) -> None:
+    whole = train(config(tmp_path / "whole", tiny_shards, method), progress=False)
+    assert whole.step == 4 and whole.grid is not None and whole.grid.is_file()
+    assert LOGGED[method] <= set(whole.history[-1]) | set(whole.history[-2])
+    names = [p.name for p in complete_checkpoints(tmp_path / "whole" / "checkpoints")]
+    assert names == ["step_00000004", "step_00000002"]
+    # The discriminator and its optimizer are in the checkpoint next to the denoiser's.
+    assert (tmp_path / "whole/checkpoints/step_00000004/model_1.safetensors").is_file()
+    assert (tmp_path / "whole/checkpoints/step_00000004/optimizer_1.bin").is_file()
+
+    part = tmp_path / "parts"
+    first = train(config(part, tiny_shards, method, "train.steps=2"), progress=False)
+    second = train(config(part, tiny_shards, method), progress=False)
+    resumed = {row["step"]: row for row in first.history + second.history}
+    for row in whole.history:
+        for key in ("loss", "loss_d" if method != "sadm" else "sadm/distance_encoder"):
+            expected = pytest.approx(row[key], rel=1e-5, abs=1e-6)
+            assert resumed[row["step"]][key] == expected, (row["step"], key)
+
+
+def test_sadm_step_is_a_minimax(tmp_path: Path, tiny_shards: Path) -> None:
+    """The encoder's step raises the distance it sees; the denoiser's step lowers it."""
+    cfg = config(tmp_path, tiny_shards, "sadm", "sadm.lambda=100", "sadm.weighting=none", "disc.lr=1e-3",
+                 "optim.lr=1e-4")
+    trainer = Trainer(cfg, progress=False)
+    trainer.build()
+    objective = trainer.objective
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.rand(8, 3, 16, 16, generator=generator) * 2 - 1
+    labels = torch.arange(8) % 10
+    ctx = StepContext(trainer.accelerator, cfg.run.seed, step=0, grad_clip=1e9)
+    before = objective.denoise(latents, labels, ctx.generator(latents.device))
+    with torch.no_grad():
+        distance_before = objective.distance(latents, before.x0_pred, before.t)
+    objective.train_step(latents, labels, ctx)
+    after = objective.denoise(latents, labels, ctx.generator(latents.device))  # same t and noise
+    with torch.no_grad():
+        encoder_view = objective.distance(latents, before.x0_pred, before.t)
+        denoiser_view = objective.distance(latents, after.x0_pred, after.t)
+    assert torch.equal(before.t, after.t)
+    assert encoder_view > distance_before
+    assert denoiser_view < encoder_view
+
+
+def test_exploding_discriminator_stops_with_the_term_named(tmp_path: Path, tiny_shards: Path) -> None:
+    train(config(tmp_path, tiny_shards, "ddgan", "train.steps=2"), progress=False)
+    # Resume with an absurd R1 weight: the discriminator's loss at step 2 (an R1 step) overflows.
+    exploding = config(tmp_path, tiny_shards, "ddgan", "ddgan.r1_gamma=1e300", "train.steps=6")
+    with pytest.raises(FloatingPointError, match=r"ddgan discriminator loss is (nan|inf) at step 2"):
+        train(exploding, allow_config_change=True, progress=False)
+    kept = complete_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in kept] == ["step_00000002"]  # the last good state is still there
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
