@@ -87,3 +87,27 @@ def test_exploding_discriminator_stops_with_the_term_named(tmp_path: Path, tiny_
     kept = complete_checkpoints(tmp_path / "checkpoints")
     assert [p.name for p in kept] == ["step_00000002"]  # the last good state is still there
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+@pytest.mark.parametrize("parameterization", ["x0", "eps"])
+def test_ddgan_reads_the_dit_output_as_configured(parameterization: str, tmp_path: Path,
+                                                  tiny_shards: Path) -> None:
+    cfg = config(tmp_path, tiny_shards, "ddgan", f"ddgan.parameterization={parameterization}")
+    trainer = Trainer(cfg, progress=False)
+    trainer.build()
+    objective, model = trainer.objective, trainer.model
+    for p in model.parameters():  # leave adaLN-Zero's all-zero output
+        p.data.add_(0.02 * torch.randn_like(p))
+    x_next, z = torch.randn(3, 3, 16, 16), torch.randn(3, 8)
+    t, labels = torch.tensor([0, 1, 3]), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        x0 = objective.predict_x0(model, x_next, t, z, labels)
+        out = model(x_next, objective.dit_timesteps[t + 1], labels, z)[:, :3]
+    if parameterization == "x0":
+        assert torch.allclose(x0, out)
+    else:
+        acp = torch.as_tensor(objective.schedule.alphas_cumprod, dtype=torch.float32)[t + 1].view(-1, 1, 1, 1)
+        assert torch.allclose(x0, (x_next - (1 - acp).sqrt() * out) / acp.sqrt(), rtol=1e-4, atol=1e-4)
+    # The DiT timestep of each DDGAN level has the nearest alphas_cumprod of DiT's schedule.
+    dit_acp = objective.diffusion.alphas_cumprod[objective.dit_timesteps.numpy()]
+    assert abs(dit_acp - objective.schedule.alphas_cumprod).max() < 0.01

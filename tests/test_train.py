@@ -113,3 +113,14 @@ def test_corrupt_samples_are_counted_and_training_goes_on(tmp_path: Path, tiny_s
     assert result.step == 6  # 240 samples: every sample of the 3 shards passed once
     assert result.history[-1]["data/corrupt_samples"] == 1
     assert all(np.isfinite(row["loss"]) for row in result.history)
+
+
+def test_shards_of_another_image_size_are_refused_up_front(tmp_path: Path) -> None:
+    from advdit.launchers.demo_data import write_demo_shards
+    from advdit.trainer.data import DataError
+
+    shards = tmp_path / "shards32"
+    write_demo_shards(shards, num_images=20, image_size=32, samples_per_shard=10, progress=False)
+    with pytest.raises(DataError, match=r"hold 32x32 images.*data.image_size is 16"):
+        train(tiny_config(tmp_path / "run", shards), progress=False)
+    assert not (tmp_path / "run").exists()

@@ -143,6 +143,9 @@ class DDGANConfig:
     beta_min: float = 0.1
     beta_max: float = 20.0
     z_dim: int = 100
+    # x0: the DiT's first C output channels are x0' (DDGAN's own choice, well conditioned at every
+    # level); eps: read them as eps, as a pretrained DiT does (for fine-tuning) [INFERRED].
+    parameterization: str = "x0"
     r1_gamma: float = 0.02
     r1_interval: int = 1
     mse_weight: float = 0.0  # optional denoising regulariser on x0', not in DDGAN [INFERRED]
@@ -188,6 +191,7 @@ CHOICES = {
     "sadm.distance": ("l1", "l2", "kl"),
     "sadm.weighting": ("none", "snr", "range"),
     "diffusion_gan.ts_dist": ("priority", "uniform"),
+    "ddgan.parameterization": ("x0", "eps"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "sample.sampler": ("ddim", "ddpm"),
 }

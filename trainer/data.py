@@ -75,6 +75,22 @@ def resolve_shards(spec: str | list[str]) -> list[str]:
     return paths
 
 
+def check_manifest(spec: str | list[str], image_size: int) -> None:
+    """Compare a shard directory's manifest with the configured image size, before any training.
+
+    Without this, a mismatch would surface only as every sample being "corrupt".
+    """
+    manifest = Path(spec) / "manifest.json" if isinstance(spec, str) else None
+    if manifest is None or not manifest.is_file():
+        return
+    made_at = json.loads(manifest.read_text()).get("preprocessing", {}).get("image_size")
+    if made_at is not None and made_at != image_size:
+        raise DataError(
+            f"shards in {str(manifest.parent)!r} hold {made_at}x{made_at} images (manifest.json), but "
+            f"data.image_size is {image_size}; rewrite the shards or set data.image_size={made_at}"
+        )
+
+
 def decode_sample(record: dict[str, Any], image_size: int, num_classes: int) -> tuple[np.ndarray, int]:
     """A raw tar record -> (HWC uint8 RGB image, label); raises ValueError on anything wrong."""
     image_key = next((key for key in IMAGE_KEYS if key in record), None)

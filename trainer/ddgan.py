@@ -204,9 +204,11 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 class DDGANObjective(DiffusionObjective):
     """A few-step DiT whose every reverse step is a conditional GAN (methods.md 2.5, 5.3 C).
 
-    The DiT is the generator G(x_{t+1}, z, t) -> x0': it keeps its eps parameterisation, at the DiT
-    timestep whose alphas_cumprod is nearest to that of the DDGAN level (so a pretrained DiT starts
-    as a sensible denoiser, [INFERRED]), and z enters through its zero-initialised z embedding.
+    The DiT is the generator G(x_{t+1}, z, t) -> x0', given the DiT timestep whose alphas_cumprod
+    is nearest to that of the DDGAN level, with z entering through its zero-initialised z
+    embedding. Its first C output channels are x0' (``parameterization: x0``, as DDGAN), or eps
+    turned into x0' (``eps``, so a pretrained DiT starts as a sensible denoiser; ill-conditioned at
+    the noisiest level, where x0 = (x - sigma eps) / a divides by a ~ 0.007) [INFERRED].
     Per step, as the official loop: a D step on a real pair and a generated x_t drawn from the
     posterior q(x_t | x_{t+1}, x0'), with R1 on the real x_t every ``r1_interval`` steps; then a G
     step on freshly drawn t, pairs and z. ``mse_weight`` adds an optional ||x0' - x0||^2 term (not
@@ -234,11 +236,14 @@ class DDGANObjective(DiffusionObjective):
 
     def predict_x0(self, model: nn.Module, x_next: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
                    labels: torch.Tensor | None) -> torch.Tensor:
-        """G(x_{t+1}, z, t): the DiT's eps at level t + 1, turned into x0'."""
+        """G(x_{t+1}, z, t): x0' from the DiT's output at level t + 1."""
         level = t + 1
         dit_t = self.dit_timesteps.to(t.device)[level]
         with self.accelerator.autocast():
-            eps = model(x_next, dit_t, labels, z)[:, : self.channels].float()
+            output = model(x_next, dit_t, labels, z)[:, : self.channels].float()
+        if self.cfg.ddgan.parameterization == "x0":
+            return output
+        eps = output
         signal = self.schedule.extract("marginal_mean_coef", level, x_next)
         noise = self.schedule.extract("marginal_std", level, x_next)
         return (x_next - noise * eps) / signal

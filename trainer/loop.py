@@ -27,7 +27,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, config_hash, dump_yaml, flatten
-from .data import StreamSpec, build_loader, resolve_shards
+from .data import StreamSpec, build_loader, check_manifest, resolve_shards
 from .ema import EMA
 from .evaluate import sample_grid
 from .objectives import VAE_STREAM, StepContext, objective_class, step_generator
@@ -113,6 +113,7 @@ class Trainer:
     def _check_inputs(self) -> list[str]:
         """Fail on bad data paths or an unreachable tracking server before building anything."""
         shards = resolve_shards(self.cfg.data.shards)
+        check_manifest(self.cfg.data.shards, self.cfg.data.image_size)
         if self.cfg.tracking.enabled and self.accelerator.is_main_process:
             check_reachable(resolve_uri(self.cfg.tracking.uri, self.output_dir))
         return shards
