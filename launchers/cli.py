@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -20,16 +22,35 @@ from ..trainer.tracking import TrackingError
 USER_ERRORS = (ConfigError, DataError, TrackingError, CheckpointError, FileNotFoundError)
 
 
+def _relaunch(nproc: int, argv: Sequence[str]) -> int:
+    """Run this same command in ``nproc`` processes on this machine, through torchrun."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "advdit.launchers.cli", *argv]
+    return subprocess.call(command)
+
+
 def _train(args: argparse.Namespace) -> int:
     from ..trainer.loop import train
 
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch(args.nproc, _without_nproc(sys.argv[1:]))
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     print(f"finished at step {result.step}; outputs in {result.output_dir}")
     if result.grid:
         print(f"sample grid: {result.grid}")
     if result.mlflow_run_id:
         print(f"MLflow run: {result.mlflow_run_id}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..trainer.export import export_weights
+
+    out = export_weights(args.checkpoint, args.out, args.weights)
+    print(f"wrote the {args.weights} weights of {args.checkpoint} to {out}")
     return 0
 
 
@@ -42,21 +63,41 @@ def _data_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advdit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a DiT (plus adversarial objectives)")
-    train.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
+    train.add_argument("--config", help="YAML preset, e.g. configs/demo.yaml (default: built-in defaults)")
     train.add_argument("--resume", default="auto",
                        help="auto: newest complete checkpoint of run.output_dir (default); "
                             "none: fresh start; or a checkpoint folder")
+    train.add_argument("--nproc", type=int, default=1,
+                       help="processes on this machine (one per GPU; on CPU they talk over gloo)")
     train.add_argument("--allow-config-change", action="store_true",
                        help="resume although the config differs from the checkpoint's")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted overrides, e.g. train.steps=200 data.batch_size=64")
     train.set_defaults(func=_train)
+
+    export = commands.add_parser("export", help="consolidate a checkpoint's denoiser into one file")
+    export.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/demo/checkpoints/step_00000700")
+    export.add_argument("--out", required=True, help="the .safetensors file to write")
+    export.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    export.set_defaults(func=_export)
 
     data = commands.add_parser("data", help="write data sets as webdataset shards")
     data_commands = data.add_subparsers(dest="data_command", required=True)

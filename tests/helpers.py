@@ -25,9 +25,9 @@ def write_shape_shards(out_dir: Path, num_images: int, per_shard: int, size: int
     return out_dir
 
 
-def tiny_config(output_dir: Path, shards: Path, *overrides: str) -> Config:
+def tiny_overrides(output_dir: Path, shards: Path) -> list[str]:
     """A DiT of 2 blocks, width 64, on 16x16 pixels: a training step takes milliseconds."""
-    base = [
+    return [
         f"run.output_dir={output_dir}", "run.name=test", f"data.shards={shards}",
         f"data.image_size={TINY_SIZE}", "data.batch_size=8", "data.num_workers=0",
         "data.shuffle_buffer=50", "model.arch=DiT-S/4", "model.depth=2", "model.hidden_size=64",
@@ -35,7 +35,10 @@ def tiny_config(output_dir: Path, shards: Path, *overrides: str) -> Config:
         "train.log_every=1", "train.ckpt_every=3", "train.sample_every=1000",
         "train.ema_decay=0.9", "sample.steps=5", "sample.grid_rows=1", "tracking.enabled=false",
     ]
-    return load_config(None, [*base, *overrides])
+
+
+def tiny_config(output_dir: Path, shards: Path, *overrides: str) -> Config:
+    return load_config(None, [*tiny_overrides(output_dir, shards), *overrides])
 
 
 def corrupt_copy(source: Path, target: Path, bad_key: str) -> None:

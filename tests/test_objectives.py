@@ -40,9 +40,10 @@ def test_objective_trains_logs_and_resumes_exactly(method: str, tmp_path: Path, 
     assert LOGGED[method] <= set(whole.history[-1]) | set(whole.history[-2])
     names = [p.name for p in complete_checkpoints(tmp_path / "whole" / "checkpoints")]
     assert names == ["step_00000004", "step_00000002"]
-    # The discriminator and its optimizer are in the checkpoint next to the denoiser's.
-    assert (tmp_path / "whole/checkpoints/step_00000004/model_1.safetensors").is_file()
-    assert (tmp_path / "whole/checkpoints/step_00000004/optimizer_1.bin").is_file()
+    # The adversary and its optimizer are in the checkpoint, in their own sub-folder.
+    name = {"sadm": "encoder"}.get(method, "disc")
+    assert (tmp_path / f"whole/checkpoints/step_00000004/{name}/model.safetensors").is_file()
+    assert (tmp_path / f"whole/checkpoints/step_00000004/{name}/optimizer.bin").is_file()
 
     part = tmp_path / "parts"
     first = train(config(part, tiny_shards, method, "train.steps=2"), progress=False)

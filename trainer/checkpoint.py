@@ -83,9 +83,12 @@ def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((path / META).read_text())
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
-                    meta: dict[str, Any], keep_last: int) -> Path:
-    """Write a checkpoint on every rank; returns its final path once it is complete."""
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, meta: dict[str, Any],
+                    parts: dict[str, Accelerator], keep_last: int) -> Path:
+    """Write a checkpoint on every rank; returns its final path once it is complete.
+
+    ``parts`` are further Accelerators (the adversaries'), each saved in a sub-folder of its name.
+    """
     root = checkpoint_dir(output_dir)
     final = root / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -94,6 +97,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash while writing this step before
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    for name, part in parts.items():
+        part.save_state(str(tmp / name))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / META).write_text(json.dumps({**meta, "step": step, "saved_at": time.time()}, indent=2))
@@ -119,6 +124,7 @@ def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tu
 
 
 def resume_from(accelerator: Accelerator, resume: str, output_dir: str | Path,
+                parts: dict[str, Accelerator],
                 check_config: Callable[[dict[str, Any]], None]) -> Path | None:
     """Load the checkpoint ``resume`` asks for; returns its path, or None for a fresh start.
 
@@ -143,6 +149,8 @@ def resume_from(accelerator: Accelerator, resume: str, output_dir: str | Path,
         check_config(meta)
         try:
             accelerator.load_state(str(path))
+            for name, part in parts.items():
+                part.load_state(str(path / name))
         except Exception as err:  # noqa: BLE001 - any unreadable file makes this one unusable
             if resume != "auto":
                 raise CheckpointError(f"checkpoint {path} could not be loaded: {err}") from err

@@ -75,6 +75,13 @@ class OptimConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # ddp | zero2 | zero3 (DeepSpeed ZeRO through accelerate; trainer/engines.py)
+    strategy: str = "ddp"
+    offload_optimizer: bool = False  # ZeRO only: optimizer states in CPU memory
+
+
+@dataclass
 class TrainConfig:
     steps: int = 400_000
     ema_decay: float = 0.9999
@@ -168,6 +175,7 @@ class Config:
     # "none" trains in pixel space; otherwise a local folder (or hub id) of an SD-VAE.
     vae: str = "none"
     optim: OptimConfig = field(default_factory=OptimConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # dit | sadm | diffusion_gan | ddgan: what one training step optimises.
     objective: str = "dit"
     disc: DiscConfig = field(default_factory=DiscConfig)
@@ -186,6 +194,7 @@ METHOD_SECTIONS = {"sadm": ("sadm",), "diffusion_gan": ("diffusion_gan",), "ddga
 
 CHOICES = {
     "objective": OBJECTIVES,
+    "distributed.strategy": ("ddp", "zero2", "zero3"),
     "model.attention": ("auto", "xformers", "sdpa", "math"),
     "sadm.affinity": ("cosine", "gaussian", "softmax"),
     "sadm.distance": ("l1", "l2", "kl"),

@@ -319,7 +319,9 @@ class DiffusionGANObjective(DiffusionObjective):
             grad_norm = self.step_denoiser(loss, ctx)
 
         world_batch = latents.shape[0] * self.accelerator.num_processes
-        stats = self.controller.update(world_batch, adversary_generator)
+        # The exploration list is redrawn identically on every rank, so the checkpoint (written by
+        # rank 0) restores every rank exactly (the official code draws it per rank).
+        stats = self.controller.update(world_batch, ctx.shared_generator())
         metrics = self.base_metrics(denoised, loss, grad_norm)
         metrics.update({"loss_denoise": denoise_loss.detach(), "loss_g": g_loss.detach(),
                         "loss_d": d_terms["loss"].detach(), "d_real": d_terms["d_real"],

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate import Accelerator
 from tqdm import tqdm
 
 from ..models.diffusion import build_diffusion
@@ -29,6 +29,7 @@ from .checkpoint import (
 from .config import Config, config_hash, dump_yaml, flatten
 from .data import StreamSpec, build_loader, check_manifest, resolve_shards
 from .ema import EMA
+from .engines import gathered, make_accelerator
 from .evaluate import sample_grid
 from .objectives import VAE_STREAM, StepContext, objective_class, step_generator
 from .tracking import MlflowTracker, check_reachable, resolve_uri
@@ -46,17 +47,6 @@ class TrainResult:
     grid: Path | None = None
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
-    precision = cfg.train.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    # Several CPU processes talk over gloo (accelerate would otherwise pick no backend for them).
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    gloo = distributed and not torch.cuda.is_available()
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if gloo else []
-    return Accelerator(mixed_precision=precision, kwargs_handlers=handlers)
-
-
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> tuple[torch.optim.Optimizer, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     fused = torch.cuda.is_available()
@@ -67,6 +57,13 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> tuple[torch.optim.Op
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
     )
     return optimizer, scheduler
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA's max allocated on GPU, the max resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB
 
 
 class MetricWindow:
@@ -85,9 +82,12 @@ class MetricWindow:
             self.counts[key] = self.counts.get(key, 0) + 1
         self.images += images
 
-    def means(self) -> dict[str, float]:
-        """Reads the sums back: the one host-device sync of a logging interval."""
-        return {key: (value / self.counts[key]).item() for key, value in self.sums.items()}
+    def means(self, accelerator: Accelerator) -> dict[str, float]:
+        """Window means over all ranks; the one host-device sync (and collective) of an interval."""
+        keys = sorted(self.sums)
+        local = torch.stack([torch.as_tensor(self.sums[key], dtype=torch.float32, device=accelerator.device)
+                             / self.counts[key] for key in keys])
+        return dict(zip(keys, accelerator.reduce(local, reduction="mean").tolist(), strict=True))
 
     def images_per_sec(self) -> float:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
@@ -145,6 +145,15 @@ class Trainer:
         self.num_params = sum(p.numel() for p in model.parameters())
 
     def _check_resumed_config(self, meta: dict[str, Any]) -> None:
+        saved_world = meta.get("world_size", self.accelerator.num_processes)
+        sharded = meta.get("config", {}).get("distributed.strategy", "ddp") != "ddp"
+        if sharded and saved_world != self.accelerator.num_processes:
+            raise CheckpointError(
+                f"checkpoint {meta['step']} was written by {saved_world} processes with sharded "
+                f"(ZeRO) state, this run has {self.accelerator.num_processes}: resume with --nproc "
+                f"{saved_world}, or start a new run from its consolidated weights (advdit export "
+                "CHECKPOINT --weights raw)"
+            )
         changes = changed_keys(meta.get("config", {}), flatten(self.cfg))
         if changes and not self.allow_config_change:
             listing = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
@@ -173,7 +182,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _log(self, window: MetricWindow, bar: tqdm | None) -> None:
-        metrics = window.means()
+        metrics = window.means(self.accelerator)
         bad = [key for key, value in metrics.items() if not math.isfinite(value)]
         if bad:
             raise FloatingPointError(
@@ -185,6 +194,7 @@ class Trainer:
             "images_per_sec": window.images_per_sec(),
             "images_seen": self.state.images_seen,
             "data/corrupt_samples": self.state.corrupt_samples,
+            "memory/peak_gb": peak_memory_gb(self.accelerator.device),
         })
         if self.accelerator.is_main_process:
             self.history.append({"step": self.state.step, **metrics})
@@ -196,11 +206,15 @@ class Trainer:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                                 img_s=f"{metrics['images_per_sec']:.1f}")
 
+    def _parts(self) -> dict[str, Accelerator]:
+        """Checkpoint sub-folders: each adversary is saved by its own Accelerator."""
+        return {name: adversary.accelerator for name, adversary in self.objective.adversaries().items()}
+
     def _checkpoint(self) -> Path:
         meta = {"config": flatten(self.cfg), "config_hash": config_hash(self.cfg),
                 "mlflow_run_id": self.state.mlflow_run_id, "images_seen": self.state.images_seen,
                 "world_size": self.accelerator.num_processes}
-        path = save_checkpoint(self.accelerator, self.output_dir, self.state.step, meta,
+        path = save_checkpoint(self.accelerator, self.output_dir, self.state.step, meta, self._parts(),
                                self.cfg.train.keep_last)
         logger.info("checkpoint %s", path)
         return path
@@ -221,7 +235,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
         self.build()
-        resumed = resume_from(accelerator, self.resume, self.output_dir,
+        resumed = resume_from(accelerator, self.resume, self.output_dir, self._parts(),
                               self._check_resumed_config)
         self._open_tracker()
         result = TrainResult(self.output_dir, self.state.step, self.history,
@@ -262,7 +276,8 @@ class Trainer:
             latents = self.codec.encode(images, generator=vae_generator)
             ctx = StepContext(accelerator, cfg.run.seed, self.state.step, cfg.optim.grad_clip)
             metrics = self.objective.train_step(latents, labels, ctx)
-            self.ema.update(accelerator.unwrap_model(self.model))
+            with gathered(accelerator.unwrap_model(self.model)):
+                self.ema.update(accelerator.unwrap_model(self.model))
             self.state.step += 1
             self.state.images_seen += len(images) * accelerator.num_processes
             self.state.corrupt_samples += batch["corrupt"]
@@ -277,6 +292,9 @@ class Trainer:
             if step % cfg.train.sample_every == 0 or last:
                 grid = self._grid() or grid
         bar.close()
+        # Every rank's own peak, for comparing strategies (the metric above is rank 0's).
+        record = {"rank": accelerator.process_index, "peak_gb": peak_memory_gb(accelerator.device)}
+        (self.output_dir / f"peak_memory_rank{accelerator.process_index}.json").write_text(json.dumps(record))
         return checkpoint, grid
 
 

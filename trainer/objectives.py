@@ -25,9 +25,10 @@ from torch import nn
 
 from ..models.diffusion import GaussianDiffusion, build_diffusion, cfg_model_fn
 from .config import Config, DiscConfig
+from .engines import global_grad_norm, prepare_adversary
 
 # Independent random streams of one step, so adding draws to one never shifts another.
-OBJECTIVE_STREAM, VAE_STREAM, ADVERSARY_STREAM = 0, 1, 2
+OBJECTIVE_STREAM, VAE_STREAM, ADVERSARY_STREAM, SHARED_STREAM = 0, 1, 2, 3
 
 
 def step_generator(seed: int, rank: int, step: int, device: torch.device,
@@ -59,6 +60,10 @@ class StepContext:
     def generator(self, device: torch.device, stream: int = OBJECTIVE_STREAM) -> torch.Generator:
         return step_generator(self.seed, self.accelerator.process_index, self.step, device, stream)
 
+    def shared_generator(self) -> torch.Generator:
+        """A CPU generator that is the same on every rank, for state all ranks must agree on."""
+        return step_generator(self.seed, 0, self.step, torch.device("cpu"), SHARED_STREAM)
+
 
 def check_finite(loss: torch.Tensor, term: str, step: int) -> None:
     """Stop before an optimizer step would write a non-finite update into the weights.
@@ -73,13 +78,13 @@ def check_finite(loss: torch.Tensor, term: str, step: int) -> None:
 
 
 class Adversary:
-    """A trained discriminator (or encoder) with its Adam optimizer, prepared by accelerate."""
+    """A trained discriminator (or encoder) with its Adam optimizer, prepared by its own
+    Accelerator (its own DeepSpeed engine under ZeRO), which also checkpoints it."""
 
     def __init__(self, accelerator: Accelerator, net: nn.Module, cfg: DiscConfig) -> None:
         optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                      weight_decay=cfg.weight_decay)
-        self.accelerator = accelerator
-        self.net, self.optimizer = accelerator.prepare(net, optimizer)
+        self.accelerator, self.net, self.optimizer = prepare_adversary(accelerator, net, optimizer)
 
     def step(self, loss: torch.Tensor, term: str, ctx: StepContext) -> None:
         check_finite(loss, term, ctx.step)
@@ -137,6 +142,10 @@ class DiffusionObjective:
         """State beyond networks and optimizers that a checkpoint must hold."""
         return []
 
+    def adversaries(self) -> dict[str, Adversary]:
+        """The trained adversaries by name (each is saved in a checkpoint sub-folder of that name)."""
+        return {name: value for name, value in vars(self).items() if isinstance(value, Adversary)}
+
     def denoise(self, latents: torch.Tensor, labels: torch.Tensor,
                 generator: torch.Generator) -> Denoised:
         t = torch.randint(0, self.diffusion.num_timesteps, (latents.shape[0],),
@@ -160,10 +169,11 @@ class DiffusionObjective:
         self.accelerator.backward(loss)
         grad_norm = None
         if ctx.grad_clip > 0:  # 0 turns clipping off, as in DiT's own recipe
+            # Under DeepSpeed this returns None: the engine clips (gradient_clipping) in step().
             grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), ctx.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        return grad_norm
+        return grad_norm if grad_norm is not None else global_grad_norm(self.model)
 
     def base_metrics(self, denoised: Denoised, loss: torch.Tensor,
                      grad_norm: torch.Tensor | None) -> dict[str, torch.Tensor]:

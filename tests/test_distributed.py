@@ -1,0 +1,125 @@
+"""Two CPU processes over gloo: ddp, ZeRO-2 and ZeRO-3 train the DiT with a discriminator, a run
+killed with SIGKILL resumes to the uninterrupted run's losses, and exports agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from advdit.trainer.export import ema_state, export_weights
+
+from helpers import tiny_overrides
+
+pytestmark = pytest.mark.slow
+ADVDIT = str(Path(sys.executable).with_name("advdit"))
+STRATEGIES = ("ddp", "zero2", "zero3")
+STEPS = 6
+
+
+def command(out: Path, shards: Path, strategy: str) -> list[str]:
+    return [ADVDIT, "train", "--nproc", "2", *tiny_overrides(out, shards), f"distributed.strategy={strategy}",
+            "objective=diffusion_gan", "disc.base_channels=8", "disc.num_blocks=2",
+            "diffusion_gan.r1_interval=2", "diffusion_gan.ada_interval=2", "diffusion_gan.ada_kimg=0.1",
+            f"train.steps={STEPS}", "train.ckpt_every=2", "train.keep_last=5"]
+
+
+def run(args: list[str], timeout: float = 300) -> None:
+    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def losses(out: Path) -> dict[int, dict[str, float]]:
+    """Per-step metrics of rank 0; a step logged twice (before a kill, after resume) keeps the last."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    return {row["step"]: row for row in rows}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path) -> dict[str, Path]:
+    outs = {}
+    for strategy in STRATEGIES:
+        out = tmp_path_factory.mktemp(f"whole-{strategy}")
+        run(command(out, tiny_shards, strategy))
+        outs[strategy] = out
+    return outs
+
+
+def kill_after_first_checkpoint(out: Path, args: list[str], timeout: float = 300) -> None:
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + timeout
+    first = out / "checkpoints" / "step_00000002" / "meta.json"
+    while not first.is_file():
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within the time limit"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # every rank and the launcher, mid-run
+    process.wait()
+    assert not (out / "checkpoints" / f"step_{STEPS:08d}").exists()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_killed_run_resumes_to_the_same_losses(strategy: str, uninterrupted: dict[str, Path],
+                                               tmp_path: Path, tiny_shards: Path) -> None:
+    args = command(tmp_path, tiny_shards, strategy)
+    kill_after_first_checkpoint(tmp_path, args)
+    run(args)
+    expected, got = losses(uninterrupted[strategy]), losses(tmp_path)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step, row in expected.items():
+        for key in ("loss", "loss_d", "ada/p"):
+            assert got[step][key] == pytest.approx(row[key], rel=1e-5, abs=1e-6), (strategy, step, key)
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_sharded_training_matches_ddp(strategy: str, uninterrupted: dict[str, Path]) -> None:
+    ddp, sharded = losses(uninterrupted["ddp"]), losses(uninterrupted[strategy])
+    for step in range(1, STEPS + 1):
+        assert sharded[step]["loss"] == pytest.approx(ddp[step]["loss"], rel=1e-3), step
+    # Both ranks logged their own peak memory.
+    assert len(list(uninterrupted[strategy].glob("peak_memory_rank*.json"))) == 2
+
+
+def final_checkpoint(out: Path) -> Path:
+    return out / "checkpoints" / f"step_{STEPS:08d}"
+
+
+def test_export_gives_the_gathered_ema_and_weights(uninterrupted: dict[str, Path], tmp_path: Path) -> None:
+    exported = {}
+    for strategy, out in uninterrupted.items():
+        for weights in ("ema", "raw"):
+            target = tmp_path / f"{strategy}-{weights}.safetensors"
+            path = export_weights(final_checkpoint(out), target, weights)
+            exported[strategy, weights] = load_file(path)
+    zero3_ema = ema_state(final_checkpoint(uninterrupted["zero3"]))
+    for name, tensor in zero3_ema.items():
+        assert torch.equal(exported["zero3", "ema"][name], tensor.float())
+    for strategy in ("zero2", "zero3"):
+        for weights in ("ema", "raw"):
+            for name, tensor in exported["ddp", weights].items():
+                assert torch.allclose(exported[strategy, weights][name], tensor, atol=1e-4), (strategy, name)
+    # The EMA moved (its updates were not lost under ZeRO-3): it differs from the raw weights'
+    # starting point, the zero-initialised final layer.
+    assert exported["zero3", "ema"]["final_layer.linear.weight"].abs().sum() > 0
+    assert exported["ddp", "ema"].keys() == exported["zero3", "raw"].keys()
+
+
+def test_resuming_sharded_state_with_another_world_size_is_refused(uninterrupted: dict[str, Path],
+                                                                   tiny_shards: Path) -> None:
+    args = command(uninterrupted["zero2"], tiny_shards, "zero2")
+    args.remove("--nproc")
+    args.remove("2")
+    args.append(f"train.steps={STEPS + 2}")
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "written by 2 processes" in done.stderr and "this run has 1" in done.stderr
+    assert "--nproc 2" in done.stderr
