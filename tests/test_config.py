@@ -98,3 +98,13 @@ def test_method_keys_with_their_objective() -> None:
         load_config(None, ["objective=sadm", "sadm.distance=kl"])
     with pytest.raises(ConfigError, match="objective.*must be one of"):
         load_config(None, ["objective=wgan"])
+
+
+def test_cli_takes_overrides_before_and_after_options(capsys: pytest.CaptureFixture) -> None:
+    from advdit.launchers.cli import main
+
+    with pytest.raises(SystemExit):  # a stray word that is not key=value is still an error
+        main(["train", "train.steps=3", "--resume", "none", "oops"])
+    # The override after the option is read (and its bad value reported, exit status 2).
+    assert main(["train", "train.steps=3", "--resume", "none", "optim.lr=fast"]) == 2
+    assert "'optim.lr' expects float" in capsys.readouterr().err
