@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import write_shape_shards
 
@@ -13,3 +15,13 @@ from helpers import write_shape_shards
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """320 16x16 shape images in 4 shards."""
     return write_shape_shards(tmp_path_factory.mktemp("shards"), 320, 80)
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """For modules of small-tensor tests: intra-op threads only add overhead there, and under CPU
+    contention (other jobs on a 2-core runner) every parallel op can stall for milliseconds."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -7,6 +7,8 @@ import random
 import tarfile
 from pathlib import Path
 
+import torch
+
 from advdit.launchers.demo_data import draw_shape
 from advdit.launchers.shards import ShardWriter, encode_png
 from advdit.trainer.config import Config, load_config
@@ -23,6 +25,11 @@ def write_shape_shards(out_dir: Path, num_images: int, per_shard: int, size: int
         writer.write(f"{index:06d}", label, {"png": encode_png(draw_shape(label, size, rng))})
     writer.close()
     return out_dir
+
+
+def gen(seed: int) -> torch.Generator:
+    """A CPU generator with a fixed seed."""
+    return torch.Generator().manual_seed(seed)
 
 
 def tiny_overrides(output_dir: Path, shards: Path) -> list[str]:

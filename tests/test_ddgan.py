@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
 
 from advdit.trainer.ddgan import DDGANSchedule
 
+from helpers import gen
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _grid_acp(num_steps: int) -> np.ndarray:
@@ -93,14 +84,14 @@ def test_posterior_sample_draws_the_posterior_and_no_noise_at_step_zero() -> Non
     x0_pred = torch.full((batch, 1), 0.8, requires_grad=True)
     x_next = torch.full((batch, 1), -0.5)
     t = torch.full((batch,), 2)
-    sample = schedule.posterior_sample(x0_pred, x_next, t, _gen(0))
+    sample = schedule.posterior_sample(x0_pred, x_next, t, gen(0))
     expected_mean, expected_var = _posterior_closed_form(2, 0.8, -0.5, 4)
     assert sample.mean().item() == pytest.approx(expected_mean, abs=0.01)
     assert sample.var().item() == pytest.approx(expected_var, rel=0.03)
     sample.sum().backward()  # G's gradient path: through the posterior mean's x0 coefficient
     assert torch.allclose(x0_pred.grad, torch.full_like(x0_pred, schedule.posterior_mean_coef1[2]))
     x0_few, x_next_few, zero = x0_pred[:3].detach(), x_next[:3], torch.zeros(3, dtype=torch.long)
-    at_zero = schedule.posterior_sample(x0_few, x_next_few, zero, _gen(1))
+    at_zero = schedule.posterior_sample(x0_few, x_next_few, zero, gen(1))
     mean_at_zero, _, _ = schedule.posterior_mean_variance(x0_few, x_next_few, zero)
     assert torch.equal(at_zero, mean_at_zero)
     assert torch.allclose(at_zero, torch.full((3, 1), 0.8))  # the step to level 0 returns x0'
@@ -115,7 +106,7 @@ def test_q_sample_pairs_marginals_and_covariance_match_the_schedule() -> None:
     level_acp = (1 - 1e-8) * relative_acp
     x0 = torch.full((4, 100_000), 0.7)
     t = torch.arange(4)
-    x_t, x_next = schedule.q_sample_pairs(x0, t, _gen(0))
+    x_t, x_next = schedule.q_sample_pairs(x0, t, gen(0))
     for k in range(4):
         for level, samples in ((k, x_t[k]), (k + 1, x_next[k])):
             assert samples.mean().item() == pytest.approx(np.sqrt(level_acp[level]) * 0.7, abs=0.01)
@@ -140,7 +131,7 @@ def test_sampler_with_an_oracle_generator_returns_the_point_mass() -> None:
         seen.append((int(t[0]), x_t.clone()))
         return torch.full_like(x_t, point)
 
-    out = schedule.sample(oracle, (batch, 1), labels, _gen(0), latent_dim)
+    out = schedule.sample(oracle, (batch, 1), labels, gen(0), latent_dim)
     assert torch.allclose(out, torch.full((batch, 1), point), atol=1e-6)
     assert [step for step, _ in seen] == [3, 2, 1, 0]
     # The input labelled k sits at level k + 1 (DDGAN's convention) and has q(x_{k+1} | x0)'s law.
@@ -157,10 +148,10 @@ def test_sampler_randomness_comes_from_the_generator() -> None:
                      y: torch.Tensor | None) -> torch.Tensor:
         return 0.5 * x + z[:, :1]
 
-    first = schedule.sample(generator_fn, (5, 1), None, _gen(3), 2)
+    first = schedule.sample(generator_fn, (5, 1), None, gen(3), 2)
     torch.manual_seed(999)  # the global RNG must not matter
-    assert torch.equal(first, schedule.sample(generator_fn, (5, 1), None, _gen(3), 2))
-    assert not torch.equal(first, schedule.sample(generator_fn, (5, 1), None, _gen(4), 2))
+    assert torch.equal(first, schedule.sample(generator_fn, (5, 1), None, gen(3), 2))
+    assert not torch.equal(first, schedule.sample(generator_fn, (5, 1), None, gen(4), 2))
 
 
 def test_bad_arguments_are_value_errors() -> None:
@@ -168,6 +159,6 @@ def test_bad_arguments_are_value_errors() -> None:
         DDGANSchedule(num_steps=0)
     schedule = DDGANSchedule()
     with pytest.raises(ValueError, match="t has shape \\(2,\\), expected \\(3,\\)"):
-        schedule.q_sample_pairs(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long), _gen(0))
+        schedule.q_sample_pairs(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long), gen(0))
     with pytest.raises(ValueError, match="labels has shape"):
-        schedule.sample(lambda x, t, z, y: x, (3, 2), torch.zeros(2, dtype=torch.long), _gen(0), 4)
+        schedule.sample(lambda x, t, z, y: x, (3, 2), torch.zeros(2, dtype=torch.long), gen(0), 4)

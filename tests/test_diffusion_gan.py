@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -16,23 +15,16 @@ import torch
 
 from advdit.trainer.diffusion_gan import AdaptiveDiffusion, AdaStats
 
+from helpers import gen
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _feed(ada: AdaptiveDiffusion, logits: list[float], batch_size: int = 1000,
           seed: int = 0) -> AdaStats | None:
     ada.accumulate(torch.tensor(logits))
-    return ada.update(batch_size, _gen(seed))
+    return ada.update(batch_size, gen(seed))
 
 
 # --------------------------------------------------------------------------- schedule and t_epl
@@ -74,16 +66,16 @@ def test_t_epl_draws_follow_the_distribution(ts_dist: str) -> None:
 
 def test_diffuse_at_t_zero_returns_x_unchanged() -> None:
     ada = AdaptiveDiffusion(clean_fraction=1.0)
-    x = torch.randn(6, 4, 3, 3, generator=_gen(0))
-    y, t = ada.diffuse(x, _gen(1))
+    x = torch.randn(6, 4, 3, 3, generator=gen(0))
+    y, t = ada.diffuse(x, gen(1))
     assert torch.equal(t, torch.zeros(6, dtype=torch.int64))
     assert torch.equal(y, x)
 
 
 def test_diffuse_scales_x_noises_it_and_passes_gradients() -> None:
     ada = AdaptiveDiffusion(t_min=500, t_max=500, clean_fraction=0.0, noise_std=0.5)
-    x = torch.randn(64, 2000, generator=_gen(0)).requires_grad_()
-    y, t = ada.diffuse(x, _gen(1))
+    x = torch.randn(64, 2000, generator=gen(0)).requires_grad_()
+    y, t = ada.diffuse(x, gen(1))
     assert t.shape == (64,) and bool((t >= 1).all() and (t <= 500).all())
     acp = torch.as_tensor(ada.alphas_cumprod)[t][:, None]
     y.sum().backward()
@@ -124,7 +116,7 @@ def test_p_is_unchanged_at_the_target_and_clipped_at_one() -> None:
 
 def test_update_without_statistics_keeps_p() -> None:
     ada = AdaptiveDiffusion(ada_interval=1)
-    stats = ada.update(64, _gen(0))
+    stats = ada.update(64, gen(0))
     assert math.isnan(stats.r_d) and stats.p == 0.0 and stats.T == 10
 
 
@@ -134,11 +126,11 @@ def test_update_without_statistics_keeps_p() -> None:
 def _run(ada: AdaptiveDiffusion, steps: range) -> list[torch.Tensor]:
     """Diffuse, accumulate D-like logits, update: what a training loop does, seeded per step."""
     outputs = []
-    x = torch.randn(16, 3, generator=_gen(100))
+    x = torch.randn(16, 3, generator=gen(100))
     for step in steps:
-        y, t = ada.diffuse(x, _gen(step))
+        y, t = ada.diffuse(x, gen(step))
         ada.accumulate(y[:, 0] + 1.0)  # mostly positive: p and T keep rising
-        stats = ada.update(16_000, _gen(10_000 + step))
+        stats = ada.update(16_000, gen(10_000 + step))
         outputs += [y, t, torch.tensor([ada.p, ada.T] + ([stats.r_d] if stats else []))]
     return outputs
 
@@ -173,7 +165,7 @@ def test_bad_arguments_are_value_errors() -> None:
     with pytest.raises(ValueError, match="2 <= t_min <= t_max"):
         AdaptiveDiffusion(t_min=1)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        AdaptiveDiffusion().update(0, _gen(0))
+        AdaptiveDiffusion().update(0, gen(0))
     with pytest.raises(ValueError, match="missing \\['calls'"):
         AdaptiveDiffusion().load_state_dict({"p": 0.0, "T": 10, "t_epl": torch.zeros(64), "sign_stats": 0})
     with pytest.raises(ValueError, match="T = 5000 is outside"):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import socket
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,12 +26,7 @@ LOCAL_BATCH = 4
 COMBINATIONS = (("cosine", "l1"), ("gaussian", "l2"), ("softmax", "kl"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --------------------------------------------------------------------------- affinities

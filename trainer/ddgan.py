@@ -33,7 +33,7 @@ from torch import nn
 from ..models.diffusion import GaussianDiffusion
 from ..models.discriminators import PairDiscriminator
 from .config import Config
-from .gan import d_loss_nonsaturating, g_loss_nonsaturating, r1_penalty
+from .gan import discriminator_terms, g_loss_nonsaturating
 from .objectives import Adversary, DiffusionObjective, StepContext, check_finite, drop_labels
 
 # generator_fn(x_t, t, z, y) -> x0' : the DDGAN generator, t the step index in [0, T).
@@ -180,13 +180,7 @@ def discriminator_loss(disc: nn.Module, real_prev: torch.Tensor, fake_prev: torc
     x_next = x_next.detach()
     real_logits = disc(real_prev, x_next, t, **cond)
     fake_logits = disc(fake_prev.detach(), x_next, t, **cond)
-    terms = {"loss": d_loss_nonsaturating(real_logits, fake_logits),
-             "d_real": real_logits.detach().float().mean(),
-             "d_fake": fake_logits.detach().float().mean()}
-    if r1_weight > 0:
-        terms["r1"] = r1_penalty(real_logits, real_prev)
-        terms["loss"] = terms["loss"] + r1_weight * terms["r1"]
-    return terms
+    return discriminator_terms(real_logits, fake_logits, real_prev, r1_weight)
 
 
 def generator_loss(disc: nn.Module, fake_prev: torch.Tensor, x_next: torch.Tensor, t: torch.Tensor,

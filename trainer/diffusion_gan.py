@@ -32,7 +32,7 @@ from torch import nn
 from ..models.diffusion import GaussianDiffusion
 from ..models.discriminators import TimestepClassDiscriminator
 from .config import Config
-from .gan import d_loss_nonsaturating, g_loss_nonsaturating, r1_penalty
+from .gan import discriminator_terms, g_loss_nonsaturating
 from .objectives import ADVERSARY_STREAM, Adversary, DiffusionObjective, StepContext, check_finite
 
 T_DISTRIBUTIONS = ("priority", "uniform")
@@ -216,13 +216,7 @@ def discriminator_loss(disc: nn.Module, controller: AdaptiveDiffusion, real: tor
     fake_y, fake_t = controller.diffuse(fake.detach(), generator)
     fake_logits = disc(fake_y, fake_t, **cond)
     controller.accumulate(real_logits)
-    terms = {"loss": d_loss_nonsaturating(real_logits, fake_logits),
-             "d_real": real_logits.detach().float().mean(),
-             "d_fake": fake_logits.detach().float().mean()}
-    if r1_weight > 0:
-        terms["r1"] = r1_penalty(real_logits, real)
-        terms["loss"] = terms["loss"] + r1_weight * terms["r1"]
-    return terms
+    return discriminator_terms(real_logits, fake_logits, real, r1_weight)
 
 
 def generator_loss(disc: nn.Module, controller: AdaptiveDiffusion, fake: torch.Tensor,

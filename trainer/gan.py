@@ -67,3 +67,19 @@ def r1_penalty(real_logits: torch.Tensor, real_inputs: torch.Tensor) -> torch.Te
 def sign_statistic(real_logits: torch.Tensor) -> torch.Tensor:
     """Mean of sign(real_logits), Diffusion-GAN's overfitting statistic r_d (float32, 0-dim)."""
     return torch.sign(_as_float32(real_logits, "real_logits").detach()).mean()
+
+
+def discriminator_terms(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_inputs: torch.Tensor,
+                        r1_weight: float) -> dict[str, torch.Tensor]:
+    """D's non-saturating loss plus ``r1_weight`` * R1 w.r.t. ``real_inputs``, with the mean logits.
+
+    Returns ``loss`` (with its graph), ``d_real`` and ``d_fake`` (detached float32 means) and, when
+    ``r1_weight > 0``, ``r1`` (the unweighted penalty, with its graph).
+    """
+    terms = {"loss": d_loss_nonsaturating(real_logits, fake_logits),
+             "d_real": real_logits.detach().float().mean(),
+             "d_fake": fake_logits.detach().float().mean()}
+    if r1_weight > 0:
+        terms["r1"] = r1_penalty(real_logits, real_inputs)
+        terms["loss"] = terms["loss"] + r1_weight * terms["r1"]
+    return terms
