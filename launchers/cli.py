@@ -75,6 +75,16 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _data_latents(args: argparse.Namespace) -> int:
+    from .latents import write_latent_shards
+
+    manifest = write_latent_shards(args.source, args.out, args.vae, args.image_size, args.batch_size)
+    if manifest is not None:
+        print(f"wrote {manifest['num_samples']} latents in {len(manifest['shards'])} shards to {args.out} "
+              f"({len(manifest['skipped'])} samples skipped)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advdit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples-per-shard", type=int, default=640)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_data_demo)
+    latents = data_commands.add_parser(
+        "latents", help="SD-VAE latent shards (posterior moments of each image and its mirror)")
+    latents.add_argument("--source", required=True, help="image shards: a folder, brace pattern or glob")
+    latents.add_argument("--out", required=True)
+    latents.add_argument("--vae", required=True, help="a local diffusers AutoencoderKL folder")
+    latents.add_argument("--image-size", type=int, required=True, help="the source shards' image size")
+    latents.add_argument("--batch-size", type=int, default=64)
+    latents.set_defaults(func=_data_latents)
     return parser
 
 

@@ -61,7 +61,8 @@ class ShardWriter:
     def _open_next(self) -> None:
         tmp_path = self._shard_path(len(self.shards)).with_suffix(".tar.tmp")
         self._stream = tmp_path.open("wb")
-        self._tar = wds.TarWriter(self._stream)
+        # A fixed member time makes shards byte-reproducible (same checksums on a rerun).
+        self._tar = wds.TarWriter(self._stream, mtime=0.0)
         self._in_shard = 0
 
     def _finish_shard(self) -> None:
@@ -86,8 +87,8 @@ class ShardWriter:
         if self._in_shard == self.samples_per_shard:
             self._finish_shard()
 
-    def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Finish the last shard and write the manifest; returns it."""
+    def close(self, extra: dict[str, Any] | None = None, write_manifest: bool = True) -> dict[str, Any]:
+        """Finish the last shard and (unless told not to) write the manifest; returns it."""
         if self._tar is not None:
             self._finish_shard()
         manifest = {
@@ -98,7 +99,13 @@ class ShardWriter:
             "preprocessing": self.preprocessing,
             **(extra or {}),
         }
-        tmp = self.out_dir / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, self.out_dir / MANIFEST)
+        if write_manifest:
+            write_manifest_file(self.out_dir, manifest)
         return manifest
+
+
+def write_manifest_file(out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest.json`` atomically."""
+    tmp = out_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out_dir / MANIFEST)

@@ -43,6 +43,19 @@ class SDVAECodec(nn.Module):
         return (posterior.sample(generator=generator) * LATENT_SCALE).float()
 
     @torch.no_grad()
+    def moments(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 2, C, h, w): the posterior's mean and std, unscaled (what latent shards store)."""
+        posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return torch.stack([posterior.mean, posterior.std], dim=1).float()
+
+    @staticmethod
+    def sample_moments(moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents drawn from stored posterior moments: a fresh posterior sample per epoch."""
+        mean, std = moments[:, 0].float(), moments[:, 1].float()
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+        return (mean + std * noise) * LATENT_SCALE
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         images = self.vae.decode((latents / LATENT_SCALE).to(self.vae.dtype)).sample
         return images.float().clamp(-1, 1)

@@ -25,3 +25,18 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 2-block AutoencoderKL (downsampling 2x) saved as a diffusers folder."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+    path = tmp_path_factory.mktemp("tiny-vae")
+    vae.save_pretrained(path)
+    return path

@@ -6,24 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
 
 from advdit.models.vae import LATENT_SCALE, PixelCodec, load_codec
 from advdit.trainer.loop import train
 
 from helpers import tiny_config
-
-
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-                        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
-    path = tmp_path_factory.mktemp("tiny-vae")
-    vae.save_pretrained(path)
-    return path
 
 
 def test_codec_encodes_with_the_latent_scale(tiny_vae_dir: Path) -> None:

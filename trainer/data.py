@@ -37,6 +37,8 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+# Latent shards: SD-VAE posterior moments of the image and of its mirror, (2 flips, 2 moments, C, h, w).
+MOMENTS_KEY = "moments.npy"
 
 
 class DataError(ValueError):
@@ -91,16 +93,36 @@ def check_manifest(spec: str | list[str], image_size: int) -> None:
         )
 
 
-def decode_sample(record: dict[str, Any], image_size: int, num_classes: int) -> tuple[np.ndarray, int]:
-    """A raw tar record -> (HWC uint8 RGB image, label); raises ValueError on anything wrong."""
-    image_key = next((key for key in IMAGE_KEYS if key in record), None)
-    if image_key is None:
-        raise ValueError(f"no image member (one of {IMAGE_KEYS})")
+def decode_label(record: dict[str, Any], num_classes: int) -> int:
     if "cls" not in record:
         raise ValueError("no 'cls' member")
     label = int(record["cls"].decode().strip())
     if not 0 <= label < num_classes:
         raise ValueError(f"label {label} outside [0, {num_classes})")
+    return label
+
+
+def decode_moments(record: dict[str, Any], latent_size: int | None) -> np.ndarray:
+    moments = np.load(io.BytesIO(record[MOMENTS_KEY]), allow_pickle=False)
+    if moments.ndim != 5 or moments.shape[:2] != (2, 2):
+        raise ValueError(f"moments have shape {moments.shape}, expected (2, 2, C, h, w)")
+    if latent_size is not None and moments.shape[-2:] != (latent_size, latent_size):
+        raise ValueError(f"latents are {moments.shape[-1]}x{moments.shape[-2]}, expected {latent_size}^2")
+    return moments
+
+
+def decode_sample(record: dict[str, Any], image_size: int, num_classes: int,
+                  latent_size: int | None = None) -> tuple[np.ndarray, int]:
+    """A raw tar record -> (HWC uint8 RGB image, or (2, 2, C, h, w) latent moments; label).
+
+    Raises ValueError on anything wrong.
+    """
+    label = decode_label(record, num_classes)
+    if MOMENTS_KEY in record:
+        return decode_moments(record, latent_size), label
+    image_key = next((key for key in IMAGE_KEYS if key in record), None)
+    if image_key is None:
+        raise ValueError(f"no image member (one of {IMAGE_KEYS}) and no {MOMENTS_KEY}")
     with Image.open(io.BytesIO(record[image_key])) as image:
         pixels = np.asarray(image.convert("RGB"))
     if pixels.shape[:2] != (image_size, image_size):
@@ -121,6 +143,7 @@ class StreamSpec:
     image_size: int
     num_classes: int
     random_flip: bool
+    latent_size: int | None = None  # the expected h = w of latent shards' moments
 
 
 def iter_records(paths: list[str]) -> Iterator[dict[str, Any]]:
@@ -160,11 +183,15 @@ def raw_batches(spec: StreamSpec, stream_id: int) -> Iterator[list[dict[str, Any
 
 
 def collate(spec: StreamSpec, records: list[dict[str, Any]], flip_seed: int) -> dict[str, Any]:
-    """Decode a raw batch; corrupt samples are replaced by good ones of the same batch."""
+    """Decode a raw batch; corrupt samples are replaced by good ones of the same batch.
+
+    Image batches hold ``images`` in [-1, 1]; latent batches hold ``moments`` (B, 2, C, h, w), the
+    mean and std of the image or of its mirror, as the flip draw says.
+    """
     images, labels, bad = [], [], []
     for record in records:
         try:
-            pixels, label = decode_sample(record, spec.image_size, spec.num_classes)
+            pixels, label = decode_sample(record, spec.image_size, spec.num_classes, spec.latent_size)
         except Exception as err:  # noqa: BLE001 - any decoding failure is a corrupt sample
             bad.append(f"{record.get('__url__', '?')}:{record.get('__key__', '?')} ({err})")
             continue
@@ -177,17 +204,19 @@ def collate(spec: StreamSpec, records: list[dict[str, Any]], flip_seed: int) -> 
     fill = len(records) - len(images)
     images += images[:fill] * (fill // max(len(images), 1) + 1)
     labels += labels[:fill] * (fill // max(len(labels), 1) + 1)
-    batch = torch.from_numpy(np.stack(images[: len(records)])).permute(0, 3, 1, 2)
-    batch = batch.float().div(127.5).sub(1.0)
+    stacked = torch.from_numpy(np.stack(images[: len(records)]))
+    flip = torch.zeros(len(stacked), dtype=torch.bool)
     if spec.random_flip:
-        generator = torch.Generator().manual_seed(flip_seed)
-        flip = torch.rand(len(batch), generator=generator) < 0.5
-        batch[flip] = batch[flip].flip(-1)
-    return {
-        "images": batch.contiguous(),
-        "labels": torch.tensor(labels[: len(records)], dtype=torch.long),
-        "corrupt": len(bad),
-    }
+        flip = torch.rand(len(stacked), generator=torch.Generator().manual_seed(flip_seed)) < 0.5
+    batch: dict[str, Any] = {"labels": torch.tensor(labels[: len(records)], dtype=torch.long),
+                             "corrupt": len(bad)}
+    if stacked.ndim == 6:  # latent moments: pick the stored mirror instead of flipping latents
+        batch["moments"] = stacked[torch.arange(len(stacked)), flip.long()].float()
+    else:
+        pixels = stacked.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        pixels[flip] = pixels[flip].flip(-1)
+        batch["images"] = pixels.contiguous()
+    return batch
 
 
 class ShardStream(IterableDataset):

@@ -254,11 +254,21 @@ class Trainer:
         result.step = self.state.step
         return result
 
+    def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The denoiser's input: encoded images, or a posterior sample from stored moments."""
+        device = self.accelerator.device
+        generator = step_generator(self.cfg.run.seed, self.accelerator.process_index, self.state.step,
+                                   device, VAE_STREAM)
+        if "moments" in batch:
+            return self.codec.sample_moments(batch["moments"].to(device, non_blocking=True), generator)
+        return self.codec.encode(batch["images"].to(device, non_blocking=True), generator=generator)
+
     def _train(self, shards: list[str]) -> tuple[Path | None, Path | None]:
         cfg, accelerator = self.cfg, self.accelerator
         spec = StreamSpec(shards=shards, seed=cfg.run.seed, batch_size=cfg.data.batch_size,
                           shuffle_buffer=cfg.data.shuffle_buffer, image_size=cfg.data.image_size,
-                          num_classes=cfg.model.num_classes, random_flip=cfg.data.random_flip)
+                          num_classes=cfg.model.num_classes, random_flip=cfg.data.random_flip,
+                          latent_size=cfg.data.image_size // self.codec.downsample)
         loader = build_loader(spec, accelerator.process_index, accelerator.num_processes,
                               cfg.data.num_workers, start_batch=self.state.step)
         batches = iter(loader)
@@ -269,19 +279,16 @@ class Trainer:
         self.model.train()
         while self.state.step < cfg.train.steps:
             batch = next(batches)
-            images = batch["images"].to(accelerator.device, non_blocking=True)
             labels = batch["labels"].to(accelerator.device, non_blocking=True)
-            vae_generator = step_generator(cfg.run.seed, accelerator.process_index,
-                                           self.state.step, accelerator.device, VAE_STREAM)
-            latents = self.codec.encode(images, generator=vae_generator)
+            latents = self._latents(batch)
             ctx = StepContext(accelerator, cfg.run.seed, self.state.step, cfg.optim.grad_clip)
             metrics = self.objective.train_step(latents, labels, ctx)
             with gathered(accelerator.unwrap_model(self.model)):
                 self.ema.update(accelerator.unwrap_model(self.model))
             self.state.step += 1
-            self.state.images_seen += len(images) * accelerator.num_processes
+            self.state.images_seen += len(labels) * accelerator.num_processes
             self.state.corrupt_samples += batch["corrupt"]
-            window.add(metrics, len(images) * accelerator.num_processes)
+            window.add(metrics, len(labels) * accelerator.num_processes)
             bar.update(1)
             step, last = self.state.step, self.state.step == cfg.train.steps
             if step % cfg.train.log_every == 0 or last:
