@@ -74,20 +74,27 @@ class MetricWindow:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.images = 0
+        self.corrupt = 0  # corrupt samples this rank skipped in the window
         self.start = time.perf_counter()
 
-    def add(self, metrics: dict[str, torch.Tensor], images: int) -> None:
+    def add(self, metrics: dict[str, torch.Tensor], images: int, corrupt: int) -> None:
         for key, value in metrics.items():
             self.sums[key] = self.sums.get(key, 0) + value
             self.counts[key] = self.counts.get(key, 0) + 1
         self.images += images
+        self.corrupt += corrupt
 
-    def means(self, accelerator: Accelerator) -> dict[str, float]:
-        """Window means over all ranks; the one host-device sync (and collective) of an interval."""
+    def reduce(self, accelerator: Accelerator) -> tuple[dict[str, float], int]:
+        """(window means, corrupt samples) over all ranks: the one host-device sync and collective
+        of a logging interval."""
         keys = sorted(self.sums)
-        local = torch.stack([torch.as_tensor(self.sums[key], dtype=torch.float32, device=accelerator.device)
-                             / self.counts[key] for key in keys])
-        return dict(zip(keys, accelerator.reduce(local, reduction="mean").tolist(), strict=True))
+        local = [torch.as_tensor(self.sums[key], dtype=torch.float32, device=accelerator.device)
+                 / self.counts[key] for key in keys]
+        # Carried as a mean like the rest; times the world size it is the sum over ranks.
+        local.append(torch.tensor(float(self.corrupt), device=accelerator.device))
+        values = accelerator.reduce(torch.stack(local), reduction="mean").tolist()
+        corrupt = round(values.pop() * accelerator.num_processes)
+        return dict(zip(keys, values, strict=True)), corrupt
 
     def images_per_sec(self) -> float:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
@@ -182,7 +189,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _log(self, window: MetricWindow, bar: tqdm | None) -> None:
-        metrics = window.means(self.accelerator)
+        metrics, corrupt = window.reduce(self.accelerator)
+        # The same total on every rank, so rank 0's checkpoint restores every rank's count.
+        self.state.corrupt_samples += corrupt
         bad = [key for key, value in metrics.items() if not math.isfinite(value)]
         if bad:
             raise FloatingPointError(
@@ -287,8 +296,7 @@ class Trainer:
                 self.ema.update(accelerator.unwrap_model(self.model))
             self.state.step += 1
             self.state.images_seen += len(labels) * accelerator.num_processes
-            self.state.corrupt_samples += batch["corrupt"]
-            window.add(metrics, len(labels) * accelerator.num_processes)
+            window.add(metrics, len(labels) * accelerator.num_processes, batch["corrupt"])
             bar.update(1)
             step, last = self.state.step, self.state.step == cfg.train.steps
             if step % cfg.train.log_every == 0 or last:
