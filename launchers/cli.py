@@ -17,6 +17,7 @@ from ..trainer.checkpoint import CheckpointError
 from ..trainer.config import ConfigError, load_config
 from ..trainer.data import DataError
 from ..trainer.tracking import TrackingError
+from .imagenet import add_imagenet_parser
 
 # Errors that describe a user's input; shown as one line instead of a traceback.
 USER_ERRORS = (ConfigError, DataError, TrackingError, CheckpointError, FileNotFoundError)
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples-per-shard", type=int, default=640)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_data_demo)
+    add_imagenet_parser(data_commands)
     latents = data_commands.add_parser(
         "latents", help="SD-VAE latent shards (posterior moments of each image and its mirror)")
     latents.add_argument("--source", required=True, help="image shards: a folder, brace pattern or glob")

@@ -1,0 +1,441 @@
+"""ImageNet as webdataset shards of ADM-centre-cropped JPEGs: ``advdit data imagenet``.
+
+Sources: an ILSVRC2012 folder (``train/<synset>/<file>.JPEG``; ``val/`` either flat with a label
+file or in synset folders), or existing webdataset shards (``KEY.jpg|jpeg|png|webp`` + ``KEY.cls``,
+e.g. timm/imagenet-1k-wds). Images are decoded by content, so PNG data under a ``.JPEG`` name, CMYK
+and grayscale JPEGs all come out as RGB; each is centre-cropped as ADM and DiT do and stored as
+``KEY.jpg`` + ``KEY.cls``. Class ids follow sorted synsets (ImageFolder order), as the published
+DiT checkpoints assume, unless a synsets file gives the order.
+
+Order, sharding and restarts: the source samples are put in one fixed order (folders: by synset,
+then file name; shards: by tar name, then position in the tar) and shard ``k`` holds source
+samples ``[k*S, (k+1)*S)``, keyed by their position in that order. A sample that cannot be decoded
+is logged, left out of its shard and listed in the manifest; it shifts nothing, so a shard's bytes
+depend only on the source list and the settings. A shard is written as ``.tar.tmp``, renamed to
+``.tar``, then given a ``.tar.done`` sidecar (its manifest entry, class counts, skipped files and
+the settings). A rerun keeps every shard whose sidecar matches the settings and the tar's size and
+redoes the others, overwriting any half-written ``.tmp``; tar members get a fixed mtime, so redone
+shards are byte-identical to the first run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import glob
+import hashlib
+import io
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import re
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import braceexpand
+import PIL
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from ..trainer.data import IMAGE_KEYS, DataError
+from .shards import MANIFEST, file_sha256
+
+logger = logging.getLogger(__name__)
+
+CROP = ("adm_center_crop: halve with PIL BOX while the short side >= 2*size, resize with PIL BICUBIC "
+        "so the short side is size (each side rounded), central size x size crop (floor offsets)")
+SHARDING = ("shard k holds source samples [k*samples_per_shard, (k+1)*samples_per_shard) of the "
+            "fixed source order, keyed by their index in it; unreadable ones are left out")
+# Enough samples per task to amortise inter-process messaging, few enough to keep results in order
+# without a long wait at the end of each shard.
+CHUNK = 8
+
+
+class SourceSample(NamedTuple):
+    """One source image: ``length`` bytes at ``offset`` of ``path`` (``length == -1``: to the end).
+    A tuple rather than a dataclass: there are 1.28M of them, and each is pickled to a worker."""
+
+    name: str  # how warnings and the manifest name it: a path relative to the source, or TAR:KEY
+    path: str
+    label: int
+    offset: int = 0
+    length: int = -1
+    problem: str = ""  # found while listing (e.g. no cls member): skipped like an unreadable image
+
+
+def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """ADM's ``center_crop_arr``, which DiT trains on: cheap BOX halvings down to < 2x the target,
+    one BICUBIC resize of the short side to ``size``, then the central square."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.Resampling.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(side * scale) for side in image.size),
+                         resample=Image.Resampling.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _read(sample: SourceSample) -> bytes:
+    with open(sample.path, "rb") as handle:
+        handle.seek(sample.offset)
+        return handle.read(sample.length)
+
+
+def convert_sample(sample: SourceSample, size: int, quality: int) -> tuple[bytes | None, str]:
+    """(JPEG bytes, "") or (None, why): failures come back as text so that one bad file neither
+    stops the worker pool nor loses its place in the order."""
+    if sample.problem:
+        return None, sample.problem
+    try:
+        with Image.open(io.BytesIO(_read(sample))) as image:
+            rgb = image.convert("RGB")  # decodes everything: a truncated file fails here
+    except Exception as err:  # whatever PIL raises, the file cannot be used
+        return None, f"{type(err).__name__}: {err}"
+    buffer = io.BytesIO()
+    adm_center_crop(rgb, size).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue(), ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing the source in its fixed order
+
+
+def _entries(folder: Path, dirs: bool) -> list[str]:
+    """Sorted names of the sub-folders (or files) of ``folder``, hidden ones left out."""
+    return sorted(entry.name for entry in os.scandir(folder)
+                  if not entry.name.startswith(".") and (entry.is_dir() if dirs else entry.is_file()))
+
+
+def read_synsets(path: str | Path) -> list[str]:
+    """Synsets in class order: the first token of each line (the LOC_synset_mapping.txt form)."""
+    return [line.split()[0] for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def read_val_labels(path: str | Path) -> dict[str, str]:
+    """File stem -> synset, from ``<file> <synset>`` lines or Kaggle's LOC_val_solution.csv
+    (``ImageId,PredictionString``; the synset is the first token of the prediction string)."""
+    labels = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip() or line.startswith("ImageId,"):
+            continue
+        parts = re.split(r"[,\s]+", line.strip())
+        if len(parts) < 2:
+            raise DataError(f"{path}:{number}: expected '<file> <synset>' or 'ImageId,<synset> ...', "
+                            f"got {line!r}")
+        labels[Path(parts[0]).stem] = parts[1]
+    return labels
+
+
+def _class_list(root: Path, split_dir: Path, synsets: str | Path | None) -> list[str]:
+    if synsets is not None:
+        return read_synsets(synsets)
+    for folder in (root / "train", split_dir):
+        names = _entries(folder, dirs=True) if folder.is_dir() else []
+        if names:
+            return names
+    raise DataError(f"no class list for {split_dir}: give a synsets file (--synsets) or keep the "
+                    f"train/<synset>/ folders beside it in {root}")
+
+
+def _class_index(classes: list[str], found: list[str], where: Path) -> dict[str, int]:
+    index = {synset: position for position, synset in enumerate(classes)}
+    unknown = sorted(set(found) - set(index))
+    if unknown:
+        raise DataError(f"{len(unknown)} synset(s) of {where} are not in the class list, "
+                        f"e.g. {unknown[0]!r}")
+    return index
+
+
+def _folder_samples(root: Path, split: str, val_labels: str | Path | None,
+                    synsets: str | Path | None) -> tuple[list[SourceSample], list[str]]:
+    split_dir = root / split
+    classes = _class_list(root, split_dir, synsets)
+    synset_dirs = _entries(split_dir, dirs=True)
+    if synset_dirs:
+        pairs = [(synset, f"{synset}/{name}") for synset in synset_dirs
+                 for name in _entries(split_dir / synset, dirs=False)]
+    else:
+        if val_labels is None:
+            raise DataError(f"{split_dir} is flat (no synset folders): give its label file "
+                            "(--val-labels, e.g. LOC_val_solution.csv)")
+        synset_of = read_val_labels(val_labels)
+        files = _entries(split_dir, dirs=False)
+        unlabelled = [name for name in files if Path(name).stem not in synset_of]
+        if unlabelled:
+            raise DataError(f"{len(unlabelled)} file(s) of {split_dir} have no label in {val_labels}, "
+                            f"e.g. {unlabelled[0]!r}")
+        pairs = sorted((synset_of[Path(name).stem], name) for name in files)
+    index = _class_index(classes, [synset for synset, _ in pairs], split_dir)
+    samples = [SourceSample(f"{split}/{name}", str(split_dir / name), index[synset])
+               for synset, name in pairs]
+    return samples, classes
+
+
+def _split_member_name(name: str) -> tuple[str, str]:
+    """webdataset's convention: the key runs to the first dot of the base name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return f"{folder}/{stem}" if folder else stem, extension.lower()
+
+
+def _tar_samples(tar_path: Path) -> list[SourceSample]:
+    samples = []
+    with tarfile.open(tar_path, "r:") as tar:
+        members = [member for member in tar if member.isfile()]  # headers only: data is skipped
+        for key, group in itertools.groupby(members, key=lambda m: _split_member_name(m.name)[0]):
+            parts = {_split_member_name(member.name)[1]: member for member in group}
+            name = f"{tar_path.name}:{key}"
+            image = next((parts[ext] for ext in IMAGE_KEYS if ext in parts), None)
+            try:
+                label = int(tar.extractfile(parts["cls"]).read().decode().strip())
+            except (KeyError, ValueError) as err:
+                problem = f"no integer cls member ({err})"
+                samples.append(SourceSample(name, str(tar_path), -1, problem=problem))
+                continue
+            if image is None:
+                samples.append(SourceSample(name, str(tar_path), label, problem="no image member"))
+                continue
+            samples.append(SourceSample(name, str(tar_path), label, image.offset_data, image.size))
+    return samples
+
+
+def _find_tars(source: str, split: str) -> list[Path]:
+    root = Path(source)
+    if not root.is_dir():
+        return sorted(Path(p) for pattern in braceexpand.braceexpand(source) for p in glob.glob(pattern))
+    tars = sorted(root.glob("*.tar"))
+    # imagenet-1k-wds keeps train and validation shards side by side; "val" matches "validation".
+    if any(word in tar.name for tar in tars for word in ("train", "val")):
+        tars = [tar for tar in tars if split in tar.name]
+    return tars
+
+
+def list_source(source: str | Path, split: str = "train", val_labels: str | Path | None = None,
+                synsets: str | Path | None = None) -> tuple[str, list[SourceSample], list[str] | None]:
+    """(kind, samples in the fixed order, class names where known) of an ImageNet source."""
+    root = Path(source)
+    if (root / split).is_dir():
+        samples, classes = _folder_samples(root, split, val_labels, synsets)
+        return "ilsvrc-folder", samples, classes
+    tars = _find_tars(str(source), split)
+    if not tars:
+        raise DataError(f"--source {str(source)!r} holds neither a {split}/ folder nor webdataset "
+                        f".tar shards of split {split!r}")
+    classes = read_synsets(synsets) if synsets is not None else None
+    return "webdataset", [sample for tar in tars for sample in _tar_samples(tar)], classes
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing shards
+
+
+def _list_digest(samples: list[SourceSample]) -> str:
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(f"{sample.name}\t{sample.label}\n".encode())
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _done_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + ".done")
+
+
+class _ShardFile:
+    """One shard being written: ``.tar.tmp``, renamed to ``.tar`` when complete, then its sidecar."""
+
+    def __init__(self, out_dir: Path, prefix: str, index: int, source_range: range) -> None:
+        self.index = index
+        self.path = out_dir / f"{prefix}-{index:06d}.tar"
+        self.source_range = source_range
+        self._stream = self.path.with_name(self.path.name + ".tmp").open("wb")
+        # A fixed mtime (not the clock) makes a redone shard byte-identical to the first one.
+        self._tar = wds.TarWriter(self._stream, encoder=False, mtime=0)
+        self.class_counts: Counter[int] = Counter()
+        self.skipped: list[dict[str, str]] = []
+
+    def add(self, key: str, label: int, jpg: bytes) -> None:
+        self._tar.write({"__key__": key, "cls": str(label).encode(), "jpg": jpg})
+        self.class_counts[label] += 1
+
+    def finish(self, settings: dict[str, Any]) -> dict[str, Any]:
+        self._tar.close()
+        self._stream.close()
+        os.replace(self.path.with_name(self.path.name + ".tmp"), self.path)
+        record = {
+            "name": self.path.name, "samples": sum(self.class_counts.values()),
+            "bytes": self.path.stat().st_size, "sha256": file_sha256(self.path),
+            "source_range": [self.source_range.start, self.source_range.stop],
+            "class_counts": {str(k): v for k, v in sorted(self.class_counts.items())},
+            "skipped": self.skipped, "settings": settings,
+        }
+        _write_json(_done_path(self.path), record)
+        return record
+
+
+def _check_settings(out_dir: Path, prefix: str, settings: dict[str, Any]) -> None:
+    """Refuse to mix shards made with other settings (or another source list) into one set."""
+    for done in sorted(out_dir.glob(f"{prefix}-*.tar.done")):
+        theirs = json.loads(done.read_text())["settings"]
+        if theirs != settings:
+            differ = sorted(key for key in settings.keys() | theirs.keys()
+                            if settings.get(key) != theirs.get(key))
+            raise DataError(f"{out_dir} holds shards written with other settings ({done.name}: "
+                            f"{', '.join(differ)} differ); write to a new --out or delete them")
+
+
+def _finished(shard: Path) -> dict[str, Any] | None:
+    """The sidecar record of a complete shard, or None when the shard must be (re)written."""
+    done = _done_path(shard)
+    if not (done.is_file() and shard.is_file()):
+        return None
+    record = json.loads(done.read_text())
+    return record if shard.stat().st_size == record["bytes"] else None
+
+
+def _shard_range(k: int, per_shard: int, total: int) -> range:
+    return range(k * per_shard, min((k + 1) * per_shard, total))
+
+
+def _convert_shards(out_dir: Path, prefix: str, samples: list[SourceSample], todo: list[int],
+                    per_shard: int, settings: dict[str, Any], workers: int,
+                    progress: bool) -> dict[int, dict[str, Any]]:
+    """Write shards ``todo``: workers decode and crop in order, this process writes the tars."""
+    indices = [i for k in todo for i in _shard_range(k, per_shard, len(samples))]
+    convert = functools.partial(convert_sample, size=settings["image_size"], quality=settings["jpeg_quality"])
+    records: dict[int, dict[str, Any]] = {}
+    shard: _ShardFile | None = None
+    start = time.perf_counter()
+    # The pool forks before tqdm starts its monitor thread.
+    with multiprocessing.Pool(workers) as pool:
+        results = pool.imap(convert, (samples[i] for i in indices), chunksize=CHUNK)
+        bar = tqdm(zip(indices, results, strict=True), total=len(indices), unit="img", disable=not progress,
+                   desc=f"imagenet {prefix} {settings['image_size']}px")
+        for i, (jpg, problem) in bar:
+            if shard is None or i not in shard.source_range:
+                if shard is not None:
+                    records[shard.index] = shard.finish(settings)
+                k = i // per_shard
+                shard = _ShardFile(out_dir, prefix, k, _shard_range(k, per_shard, len(samples)))
+            if jpg is None:
+                logger.warning("skipping unreadable image %s (%s)", samples[i].path, problem)
+                shard.skipped.append({"path": samples[i].name, "error": problem})
+            else:
+                shard.add(f"{i:08d}", samples[i].label, jpg)
+    if shard is not None:
+        records[shard.index] = shard.finish(settings)
+    seconds = time.perf_counter() - start
+    logger.info("converted %d images in %.1f s: %.1f images/s, %.1f images/s per worker process (%d)",
+                len(indices), seconds, len(indices) / seconds, len(indices) / seconds / workers, workers)
+    return records
+
+
+def _manifest(prefix: str, records: list[dict[str, Any]], preprocessing: dict[str, Any],
+              classes: list[str] | None, settings: dict[str, Any]) -> dict[str, Any]:
+    class_counts: Counter[int] = Counter()
+    for record in records:
+        class_counts.update({int(k): v for k, v in record["class_counts"].items()})
+    skipped = [entry for record in records for entry in record["skipped"]]
+    manifest = {
+        "prefix": prefix,
+        "num_samples": sum(record["samples"] for record in records),
+        # A shard whose every file was unreadable is left out: the loader must not get empty streams.
+        "shards": [{key: record[key] for key in ("name", "samples", "sha256", "bytes", "source_range")}
+                   for record in records if record["samples"]],
+        "class_counts": {str(k): v for k, v in sorted(class_counts.items())},
+        "preprocessing": preprocessing,
+        "sharding": SHARDING,
+        "samples_per_shard": settings["samples_per_shard"],
+        "source_samples": settings["source_samples"],
+        "source_list_sha256": settings["source_list_sha256"],
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+    }
+    if classes is not None:
+        manifest["class_names"] = classes
+    return manifest
+
+
+def write_imagenet_shards(source: str | Path, out_dir: str | Path, size: int = 256,
+                          samples_per_shard: int = 1000, workers: int | None = None,
+                          split: str = "train", quality: int = 95, val_labels: str | Path | None = None,
+                          synsets: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Convert an ImageNet split into ``{split}-NNNNNN.tar`` shards of ``size``-pixel JPEGs under
+    ``out_dir``; finished shards of an earlier run are kept. Returns the manifest."""
+    if size <= 0 or samples_per_shard <= 0 or not 1 <= quality <= 100:
+        raise DataError(f"need size > 0, samples_per_shard > 0 and 1 <= quality <= 100; got {size}, "
+                        f"{samples_per_shard}, {quality}")
+    kind, samples, classes = list_source(source, split, val_labels, synsets)
+    if not samples:
+        raise DataError(f"{source} holds no images of split {split!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    preprocessing = {"source": str(source), "source_kind": kind, "split": split, "crop": CROP,
+                     "image_size": size, "format": "jpg", "jpeg_quality": quality,
+                     "pillow": PIL.__version__,
+                     "order": "by synset, then file name" if kind == "ilsvrc-folder"
+                     else "by tar name, then position in the tar"}
+    # Everything a shard's bytes depend on, apart from where the source lies.
+    settings = {**{k: v for k, v in preprocessing.items() if k != "source"},
+                "samples_per_shard": samples_per_shard, "source_samples": len(samples),
+                "source_list_sha256": _list_digest(samples)}
+    _check_settings(out, split, settings)
+    num_shards = -(-len(samples) // samples_per_shard)
+    records = {k: record for k in range(num_shards)
+               if (record := _finished(out / f"{split}-{k:06d}.tar")) is not None}
+    todo = [k for k in range(num_shards) if k not in records]
+    if records:
+        logger.info("keeping %d finished shard(s) of %d; writing %d", len(records), num_shards, len(todo))
+    if todo:
+        records |= _convert_shards(out, split, samples, todo, samples_per_shard, settings,
+                                   workers or len(os.sched_getaffinity(0)), progress)
+    manifest = _manifest(split, [records[k] for k in range(num_shards)], preprocessing, classes, settings)
+    _write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _run(args: argparse.Namespace) -> int:
+    manifest = write_imagenet_shards(args.source, args.out, size=args.size,
+                                     samples_per_shard=args.samples_per_shard, workers=args.workers,
+                                     split=args.split, quality=args.quality, val_labels=args.val_labels,
+                                     synsets=args.synsets)
+    print(f"wrote {manifest['num_samples']} {args.size}x{args.size} images in {len(manifest['shards'])} "
+          f"shards to {args.out}; {manifest['num_skipped']} unreadable file(s) skipped "
+          f"(listed in {MANIFEST})")
+    return 0
+
+
+def add_imagenet_parser(data_commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``imagenet`` under ``advdit data``; its handler is set as ``func``."""
+    parser = data_commands.add_parser(
+        "imagenet", help="ImageNet (ILSVRC2012 folders or webdataset shards) as centre-cropped JPEG shards")
+    parser.add_argument("--source", required=True,
+                        help="the ILSVRC2012 root holding train/ and val/, or a folder, glob or brace "
+                             "pattern of webdataset .tar shards (jpg/png + cls members)")
+    parser.add_argument("--out", required=True, help="folder for the shards and manifest.json")
+    parser.add_argument("--size", type=int, default=256, help="output side in pixels (DiT: 256 or 512)")
+    parser.add_argument("--split", default="train", help="train or val (a folder, or a word in tar names)")
+    parser.add_argument("--val-labels",
+                        help="labels of a flat val/ folder: '<file> <synset>' lines or LOC_val_solution.csv")
+    parser.add_argument("--synsets", help="class order, one synset per line (default: sorted train/ folders)")
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoding processes (default: every CPU this process may use)")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality of the stored images")
+    parser.set_defaults(func=_run)
+    return parser
