@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 from advdit.launchers.demo_data import CLASSES, write_demo_shards
 from advdit.launchers.shards import file_sha256
-from advdit.trainer.data import DataError, StreamSpec, build_loader, resolve_shards
+from advdit.trainer.data import DataError, StreamSpec, build_loader, iter_records, resolve_shards, tar_members
 
 from helpers import TINY_SIZE, corrupt_copy, write_shape_shards
 
@@ -114,3 +116,30 @@ def test_demo_set_is_balanced(tmp_path: Path) -> None:
     assert manifest["num_samples"] == 40 and len(manifest["shards"]) == 2
     assert manifest["class_names"] == [name for name, _ in CLASSES]
     assert set(manifest["class_counts"].values()) == {4}
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_reader_agrees_with_tarfile(tmp_path: Path, tar_format: int) -> None:
+    path = tmp_path / "mixed.tar"
+    long_folder = "d" * 60 + "/" + "e" * 60  # > 100 characters: prefix field, PAX or GNU long name
+    members = {"a.cls": b"3", f"{long_folder}/b.png": b"\x89PNG" * 300, "c.moments.npy": b"x" * 513}
+    with tarfile.open(path, "w", format=tar_format) as archive:
+        folder = tarfile.TarInfo("somedir")
+        folder.type = tarfile.DIRTYPE
+        archive.addfile(folder)
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    assert dict(tar_members(str(path))) == members
+
+
+def test_records_group_members_as_webdataset_does(tiny_shards: Path) -> None:
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    shard = str(tiny_shards / "train-000001.tar")
+    with open(shard, "rb") as handle:
+        expected = [{k: v for k, v in r.items() if k != "__url__"} for r in group_by_keys(
+            {**m, "__url__": shard} for m in tar_file_iterator(handle))]
+    got = [{k: v for k, v in r.items() if k != "__url__"} for r in iter_records([shard])]
+    assert got == expected and len(got) == 80
