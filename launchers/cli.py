@@ -17,6 +17,7 @@ from ..trainer.checkpoint import CheckpointError
 from ..trainer.config import ConfigError, load_config
 from ..trainer.data import DataError
 from ..trainer.tracking import TrackingError
+from .bench_data import add_bench_parser
 from .imagenet import add_imagenet_parser
 
 # Errors that describe a user's input; shown as one line instead of a traceback.
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_data_demo)
     add_imagenet_parser(data_commands)
+    add_bench_parser(data_commands)
     latents = data_commands.add_parser(
         "latents", help="SD-VAE latent shards (posterior moments of each image and its mirror)")
     latents.add_argument("--source", required=True, help="image shards: a folder, brace pattern or glob")

@@ -12,7 +12,15 @@ import torch
 
 from advdit.launchers.demo_data import CLASSES, write_demo_shards
 from advdit.launchers.shards import file_sha256
-from advdit.trainer.data import DataError, StreamSpec, build_loader, iter_records, resolve_shards, tar_members
+from advdit.trainer.data import (
+    DataError,
+    StreamSpec,
+    build_loader,
+    iter_records,
+    normalize_images,
+    resolve_shards,
+    tar_members,
+)
 
 from helpers import TINY_SIZE, corrupt_copy, write_shape_shards
 
@@ -41,9 +49,10 @@ def test_one_epoch_sees_every_sample_once_with_its_label(tiny_shards: Path) -> N
     shards = resolve_shards(str(tiny_shards))
     batches = take(build_loader(spec_for(shards, batch_size=10), 0, 1, num_workers=2), 32)
     images = torch.cat([b["images"] for b in batches])
+    assert images.dtype == torch.uint8
+    assert normalize_images(images).min() >= -1 and normalize_images(images).max() <= 1
     labels = torch.cat([b["labels"] for b in batches])
     assert images.shape == (320, 3, TINY_SIZE, TINY_SIZE)
-    assert images.min() >= -1 and images.max() <= 1
     assert torch.bincount(labels, minlength=10).tolist() == [32] * 10
     assert len({img.numpy().tobytes() for img in images}) == 320  # no sample twice
 
@@ -143,3 +152,13 @@ def test_records_group_members_as_webdataset_does(tiny_shards: Path) -> None:
             {**m, "__url__": shard} for m in tar_file_iterator(handle))]
     got = [{k: v for k, v in r.items() if k != "__url__"} for r in iter_records([shard])]
     assert got == expected and len(got) == 80
+
+
+def test_loader_benchmark_command_reports_a_rate(capsys: pytest.CaptureFixture) -> None:
+    from advdit.launchers.cli import main
+
+    assert main(["data", "bench", "--synthetic", "latents", "--count", "300", "--batches", "2",
+                 "--batch-size", "32", "--repeats", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["source"] == "latents" and report["median_samples_per_sec_per_core"] > 0
+    assert len(report["samples_per_sec"]) == 1

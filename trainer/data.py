@@ -243,8 +243,9 @@ def raw_batches(spec: StreamSpec, stream_id: int) -> Iterator[list[dict[str, Any
 def collate(spec: StreamSpec, records: list[dict[str, Any]], flip_seed: int) -> dict[str, Any]:
     """Decode a raw batch; corrupt samples are replaced by good ones of the same batch.
 
-    Image batches hold ``images`` in [-1, 1]; latent batches hold ``moments`` (B, 2, C, h, w), the
-    mean and std of the image or of its mirror, as the flip draw says.
+    Image batches hold ``images``, (B, 3, H, W) uint8 (4x less to move than floats; the trainer
+    normalises on its device with :func:`normalize_images`); latent batches hold ``moments``
+    (B, 2, C, h, w), the mean and std of the image or of its mirror, as the flip draw says.
     """
     images, labels, bad = [], [], []
     for record in records:
@@ -262,19 +263,25 @@ def collate(spec: StreamSpec, records: list[dict[str, Any]], flip_seed: int) -> 
     fill = len(records) - len(images)
     images += images[:fill] * (fill // max(len(images), 1) + 1)
     labels += labels[:fill] * (fill // max(len(labels), 1) + 1)
-    stacked = torch.from_numpy(np.stack(images[: len(records)]))
-    flip = torch.zeros(len(stacked), dtype=torch.bool)
+    samples = images[: len(records)]
+    flip = [False] * len(samples)
     if spec.random_flip:
-        flip = torch.rand(len(stacked), generator=torch.Generator().manual_seed(flip_seed)) < 0.5
+        flip = (torch.rand(len(samples), generator=torch.Generator().manual_seed(flip_seed)) < 0.5).tolist()
     batch: dict[str, Any] = {"labels": torch.tensor(labels[: len(records)], dtype=torch.long),
                              "corrupt": len(bad)}
-    if stacked.ndim == 6:  # latent moments: pick the stored mirror instead of flipping latents
-        batch["moments"] = stacked[torch.arange(len(stacked)), flip.long()].float()
-    else:
-        pixels = stacked.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-        pixels[flip] = pixels[flip].flip(-1)
-        batch["images"] = pixels.contiguous()
+    if samples[0].ndim == 5:  # latent moments: pick the stored mirror instead of flipping latents
+        batch["moments"] = torch.from_numpy(np.stack([m[int(f)] for m, f in zip(samples, flip, strict=True)]))
+        batch["moments"] = batch["moments"].float()
+    else:  # HWC -> CHW and the flip as views; np.stack makes the one copy
+        views = [(pixels[:, ::-1] if f else pixels).transpose(2, 0, 1)
+                 for pixels, f in zip(samples, flip, strict=True)]
+        batch["images"] = torch.from_numpy(np.stack(views))
     return batch
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)
 
 
 class ShardStream(IterableDataset):

@@ -27,7 +27,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, config_hash, dump_yaml, flatten
-from .data import StreamSpec, build_loader, check_manifest, resolve_shards
+from .data import StreamSpec, build_loader, check_manifest, normalize_images, resolve_shards
 from .ema import EMA
 from .engines import gathered, make_accelerator
 from .evaluate import sample_grid
@@ -270,7 +270,8 @@ class Trainer:
                                    device, VAE_STREAM)
         if "moments" in batch:
             return self.codec.sample_moments(batch["moments"].to(device, non_blocking=True), generator)
-        return self.codec.encode(batch["images"].to(device, non_blocking=True), generator=generator)
+        images = normalize_images(batch["images"].to(device, non_blocking=True))
+        return self.codec.encode(images, generator=generator)
 
     def _train(self, shards: list[str]) -> tuple[Path | None, Path | None]:
         cfg, accelerator = self.cfg, self.accelerator
