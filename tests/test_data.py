@@ -162,3 +162,23 @@ def test_loader_benchmark_command_reports_a_rate(capsys: pytest.CaptureFixture) 
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["source"] == "latents" and report["median_samples_per_sec_per_core"] > 0
     assert len(report["samples_per_sec"]) == 1
+
+
+def _stream_keys(rank: int, shards: list[str], out: str) -> None:
+    """One of two real processes: an epoch of this rank's keys, then the keys after a restart."""
+    spec = spec_for(shards, batch_size=10, flip=True)
+    epoch = [key for b in take(build_loader(spec, rank, 2, num_workers=2), 16) for key in b["keys"]]
+    restored = build_loader(spec, rank, 2, num_workers=2, start_batch=5)
+    resumed = [key for b in take(restored, 3) for key in b["keys"]]
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"epoch": epoch, "resumed": resumed}))
+
+
+def test_two_processes_split_the_epoch_and_restore_positions(tiny_shards: Path, tmp_path: Path) -> None:
+    shards = resolve_shards(str(tiny_shards))
+    torch.multiprocessing.spawn(_stream_keys, args=(shards, str(tmp_path)), nprocs=2, join=True)
+    seen = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    epochs = [set(s["epoch"]) for s in seen]
+    assert len(epochs[0]) == len(epochs[1]) == 160 and not epochs[0] & epochs[1]
+    assert epochs[0] | epochs[1] == {f"{i:06d}" for i in range(320)}
+    for s in seen:  # a loader restored after 5 batches yields batches 5, 6, 7 of the uninterrupted one
+        assert s["resumed"] == s["epoch"][50:80]

@@ -247,7 +247,7 @@ def collate(spec: StreamSpec, records: list[dict[str, Any]], flip_seed: int) -> 
     normalises on its device with :func:`normalize_images`); latent batches hold ``moments``
     (B, 2, C, h, w), the mean and std of the image or of its mirror, as the flip draw says.
     """
-    images, labels, bad = [], [], []
+    images, labels, keys, bad = [], [], [], []
     for record in records:
         try:
             pixels, label = decode_sample(record, spec.image_size, spec.num_classes, spec.latent_size)
@@ -256,6 +256,7 @@ def collate(spec: StreamSpec, records: list[dict[str, Any]], flip_seed: int) -> 
             continue
         images.append(pixels)
         labels.append(label)
+        keys.append(record["__key__"])
     for where in bad:
         logger.warning("skipping corrupt sample %s", where)
     if not images:
@@ -263,12 +264,13 @@ def collate(spec: StreamSpec, records: list[dict[str, Any]], flip_seed: int) -> 
     fill = len(records) - len(images)
     images += images[:fill] * (fill // max(len(images), 1) + 1)
     labels += labels[:fill] * (fill // max(len(labels), 1) + 1)
+    keys += keys[:fill] * (fill // max(len(keys), 1) + 1)
     samples = images[: len(records)]
     flip = [False] * len(samples)
     if spec.random_flip:
         flip = (torch.rand(len(samples), generator=torch.Generator().manual_seed(flip_seed)) < 0.5).tolist()
     batch: dict[str, Any] = {"labels": torch.tensor(labels[: len(records)], dtype=torch.long),
-                             "corrupt": len(bad)}
+                             "keys": keys[: len(records)], "corrupt": len(bad)}
     if samples[0].ndim == 5:  # latent moments: pick the stored mirror instead of flipping latents
         batch["moments"] = torch.from_numpy(np.stack([m[int(f)] for m, f in zip(samples, flip, strict=True)]))
         batch["moments"] = batch["moments"].float()
