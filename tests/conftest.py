@@ -1,30 +1,30 @@
-"""Shared fixtures."""
+"""Shared fixtures, and one thread per process for the whole suite.
+
+Every network here is tiny: intra-op threads only add overhead, and on a 2-core runner they
+oversubscribe the cores (measured here: tests/test_objectives.py took 90 s with torch's default
+threads and 6.5 s with one). Subprocesses (torchrun, the MLflow server) inherit the setting.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+import os
 
-import pytest
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from helpers import write_shape_shards
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from helpers import write_shape_shards  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """320 16x16 shape images in 4 shards."""
     return write_shape_shards(tmp_path_factory.mktemp("shards"), 320, 80)
-
-
-@pytest.fixture(scope="module")
-def single_thread() -> Iterator[None]:
-    """For modules of small-tensor tests: intra-op threads only add overhead there, and under CPU
-    contention (other jobs on a 2-core runner) every parallel op can stall for milliseconds."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,6 @@ from advdit.trainer.ddgan import DDGANSchedule
 
 from helpers import gen
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
 
 def _grid_acp(num_steps: int) -> np.ndarray:
     """alpha-bar at the levels' times: exp(2 * log mean coefficient) of the VP-SDE (0.1, 20)."""

@@ -19,8 +19,6 @@ from advdit.models.diffusion import (
     space_timesteps,
 )
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 @pytest.fixture(scope="module")
 def diffusion() -> GaussianDiffusion:

@@ -17,9 +17,6 @@ from advdit.trainer.diffusion_gan import AdaptiveDiffusion, AdaStats
 
 from helpers import gen
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
 
 def _feed(ada: AdaptiveDiffusion, logits: list[float], batch_size: int = 1000,
           seed: int = 0) -> AdaStats | None:

@@ -23,9 +23,6 @@ from advdit.models.discriminators import (
 NUM_CLASSES = 5
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
 def _seeded(factory: Callable[..., nn.Module], *args: object, **kwargs: object) -> nn.Module:
     """A network with weights drawn from seed 0, in eval mode."""
     torch.manual_seed(0)

@@ -22,14 +22,15 @@ from helpers import tiny_overrides
 pytestmark = pytest.mark.slow
 ADVDIT = str(Path(sys.executable).with_name("advdit"))
 STRATEGIES = ("ddp", "zero2", "zero3")
-STEPS = 6
+STEPS = 60
+FIRST_CHECKPOINT = 20  # long enough after it that the kill lands mid-run
 
 
 def command(out: Path, shards: Path, strategy: str) -> list[str]:
     return [ADVDIT, "train", "--nproc", "2", *tiny_overrides(out, shards), f"distributed.strategy={strategy}",
             "objective=diffusion_gan", "disc.base_channels=8", "disc.num_blocks=2",
             "diffusion_gan.r1_interval=2", "diffusion_gan.ada_interval=2", "diffusion_gan.ada_kimg=0.1",
-            f"train.steps={STEPS}", "train.ckpt_every=2", "train.keep_last=5"]
+            f"train.steps={STEPS}", f"train.ckpt_every={FIRST_CHECKPOINT}", "train.keep_last=5"]
 
 
 def run(args: list[str], timeout: float = 300) -> None:
@@ -57,11 +58,11 @@ def kill_after_first_checkpoint(out: Path, args: list[str], timeout: float = 300
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.monotonic() + timeout
-    first = out / "checkpoints" / "step_00000002" / "meta.json"
+    first = out / "checkpoints" / f"step_{FIRST_CHECKPOINT:08d}" / "meta.json"
     while not first.is_file():
         assert process.poll() is None, "the run ended before its first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint within the time limit"
-        time.sleep(0.2)
+        time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)  # every rank and the launcher, mid-run
     process.wait()
     assert not (out / "checkpoints" / f"step_{STEPS:08d}").exists()

@@ -26,9 +26,6 @@ LOCAL_BATCH = 4
 COMBINATIONS = (("cosine", "l1"), ("gaussian", "l2"), ("softmax", "kl"))
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
 # --------------------------------------------------------------------------- affinities
 
 
