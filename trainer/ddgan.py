@@ -30,11 +30,10 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from ..models.diffusion import GaussianDiffusion
 from ..models.discriminators import PairDiscriminator
 from .config import Config
 from .gan import discriminator_terms, g_loss_nonsaturating
-from .objectives import Adversary, DiffusionObjective, StepContext, check_finite, drop_labels
+from .objectives import Adversary, Denoiser, DiffusionObjective, StepContext, check_finite, drop_labels
 
 # generator_fn(x_t, t, z, y) -> x0' : the DDGAN generator, t the step index in [0, T).
 GeneratorFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -211,17 +210,15 @@ class DDGANObjective(DiffusionObjective):
 
     name = "ddgan"
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, model: nn.Module,
-                 optimizer: torch.optim.Optimizer, scheduler: Any, diffusion: GaussianDiffusion,
-                 channels: int, latent_size: int) -> None:
-        super().__init__(cfg, accelerator, model, optimizer, scheduler, diffusion, channels, latent_size)
+    def __init__(self, cfg: Config, accelerator: Accelerator, denoiser: Denoiser) -> None:
+        super().__init__(cfg, accelerator, denoiser)
         dd = cfg.ddgan
         self.schedule = DDGANSchedule(dd.num_steps, dd.beta_min, dd.beta_max)
-        disc = PairDiscriminator(channels, latent_size, cfg.model.num_classes, cfg.disc.base_channels,
-                                 cfg.disc.num_blocks, num_steps=dd.num_steps)
+        disc = PairDiscriminator(denoiser.channels, denoiser.latent_size, cfg.model.num_classes,
+                                 cfg.disc.base_channels, cfg.disc.num_blocks, num_steps=dd.num_steps)
         self.disc = Adversary(accelerator, disc, cfg.disc)
         # For each DDGAN level, the DiT timestep with the nearest alphas_cumprod.
-        gaps = np.abs(diffusion.alphas_cumprod[None, :] - self.schedule.alphas_cumprod[:, None])
+        gaps = np.abs(self.diffusion.alphas_cumprod[None, :] - self.schedule.alphas_cumprod[:, None])
         self.dit_timesteps = torch.as_tensor(gaps.argmin(axis=1), dtype=torch.long)
 
     @staticmethod

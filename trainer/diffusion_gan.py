@@ -29,11 +29,10 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
 
-from ..models.diffusion import GaussianDiffusion
 from ..models.discriminators import TimestepClassDiscriminator
 from .config import Config
 from .gan import discriminator_terms, g_loss_nonsaturating
-from .objectives import ADVERSARY_STREAM, Adversary, DiffusionObjective, StepContext, check_finite
+from .objectives import ADVERSARY_STREAM, Adversary, Denoiser, DiffusionObjective, StepContext, check_finite
 
 T_DISTRIBUTIONS = ("priority", "uniform")
 
@@ -275,12 +274,10 @@ class DiffusionGANObjective(DiffusionObjective):
 
     name = "diffusion_gan"
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, model: nn.Module,
-                 optimizer: torch.optim.Optimizer, scheduler: Any, diffusion: GaussianDiffusion,
-                 channels: int, latent_size: int) -> None:
-        super().__init__(cfg, accelerator, model, optimizer, scheduler, diffusion, channels, latent_size)
+    def __init__(self, cfg: Config, accelerator: Accelerator, denoiser: Denoiser) -> None:
+        super().__init__(cfg, accelerator, denoiser)
         dg = cfg.diffusion_gan
-        disc = TimestepClassDiscriminator(channels, latent_size, cfg.model.num_classes,
+        disc = TimestepClassDiscriminator(denoiser.channels, denoiser.latent_size, cfg.model.num_classes,
                                           cfg.disc.base_channels, cfg.disc.num_blocks, t_max=dg.t_max)
         self.disc = Adversary(accelerator, disc, cfg.disc)
         self.controller = AdaptiveDiffusion(t_min=dg.t_min, t_max=dg.t_max, noise_std=dg.noise_std,

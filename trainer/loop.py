@@ -31,7 +31,7 @@ from .data import StreamSpec, build_loader, check_manifest, normalize_images, re
 from .ema import EMA
 from .engines import gathered, make_accelerator
 from .evaluate import sample_grid
-from .objectives import VAE_STREAM, StepContext, objective_class, step_generator
+from .objectives import VAE_STREAM, Denoiser, StepContext, objective_class, step_generator
 from .tracking import MlflowTracker, check_reachable, resolve_uri
 
 logger = logging.getLogger(__name__)
@@ -145,9 +145,9 @@ class Trainer:
                                     cfg.diffusion.beta_end, cfg.model.learn_sigma)
         # The objective prepares its own adversaries: after the denoiser, so the denoiser stays
         # accelerate's model 0 in every checkpoint.
-        self.objective = objective_class(cfg.objective)(
-            cfg, accelerator, self.model, self.optimizer, self.scheduler, diffusion,
-            self.codec.channels, latent_size)
+        denoiser = Denoiser(self.model, self.optimizer, self.scheduler, diffusion, self.codec.channels,
+                            latent_size)
+        self.objective = objective_class(cfg.objective)(cfg, accelerator, denoiser)
         accelerator.register_for_checkpointing(self.ema, self.state, *self.objective.checkpoint_objects())
         self.num_params = sum(p.numel() for p in model.parameters())
 

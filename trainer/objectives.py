@@ -116,22 +116,32 @@ class Denoised:
     labels: torch.Tensor  # after label dropout
 
 
+@dataclass
+class Denoiser:
+    """The prepared denoiser and what every objective needs to know about its inputs."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    diffusion: GaussianDiffusion
+    channels: int  # of the latents (or pixels) it denoises
+    latent_size: int
+
+
 class DiffusionObjective:
     """Plain DiT training: the hybrid loss (MSE on eps + VLB on the learned variance)."""
 
     name = "dit"
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, model: nn.Module,
-                 optimizer: torch.optim.Optimizer, scheduler: Any, diffusion: GaussianDiffusion,
-                 channels: int, latent_size: int) -> None:
+    def __init__(self, cfg: Config, accelerator: Accelerator, denoiser: Denoiser) -> None:
         self.cfg = cfg
         self.accelerator = accelerator
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.diffusion = diffusion
-        self.channels = channels
-        self.latent_size = latent_size
+        self.model = denoiser.model
+        self.optimizer = denoiser.optimizer
+        self.scheduler = denoiser.scheduler
+        self.diffusion = denoiser.diffusion
+        self.channels = denoiser.channels
+        self.latent_size = denoiser.latent_size
 
     @staticmethod
     def denoiser_kwargs(cfg: Config) -> dict[str, Any]:

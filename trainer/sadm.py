@@ -20,19 +20,15 @@ denoiser's x0 prediction from the noised real, methods.md 4.3 item 6). All resul
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import Accelerator
-from torch import nn
 
-from ..models.diffusion import GaussianDiffusion
 from ..models.discriminators import StructureEncoder
 from .config import Config
-from .objectives import Adversary, DiffusionObjective, StepContext, check_finite
+from .objectives import Adversary, Denoiser, DiffusionObjective, StepContext, check_finite
 
 AFFINITIES = ("cosine", "gaussian", "softmax")
 DISTANCES = ("l1", "l2", "kl")
@@ -161,12 +157,10 @@ class SADMObjective(DiffusionObjective):
 
     name = "sadm"
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, model: nn.Module,
-                 optimizer: torch.optim.Optimizer, scheduler: Any, diffusion: GaussianDiffusion,
-                 channels: int, latent_size: int) -> None:
-        super().__init__(cfg, accelerator, model, optimizer, scheduler, diffusion, channels, latent_size)
-        encoder = StructureEncoder(channels, latent_size, cfg.sadm.feature_dim, cfg.disc.base_channels,
-                                   cfg.disc.num_blocks, cfg.sadm.t_conditioned)
+    def __init__(self, cfg: Config, accelerator: Accelerator, denoiser: Denoiser) -> None:
+        super().__init__(cfg, accelerator, denoiser)
+        encoder = StructureEncoder(denoiser.channels, denoiser.latent_size, cfg.sadm.feature_dim,
+                                   cfg.disc.base_channels, cfg.disc.num_blocks, cfg.sadm.t_conditioned)
         self.encoder = Adversary(accelerator, encoder, cfg.disc)
 
     def distance(self, real: torch.Tensor, predicted: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
