@@ -182,3 +182,22 @@ def test_two_processes_split_the_epoch_and_restore_positions(tiny_shards: Path, 
     assert epochs[0] | epochs[1] == {f"{i:06d}" for i in range(320)}
     for s in seen:  # a loader restored after 5 batches yields batches 5, 6, 7 of the uninterrupted one
         assert s["resumed"] == s["epoch"][50:80]
+
+
+def test_writer_benchmark_converts_every_synthetic_image(capsys: pytest.CaptureFixture) -> None:
+    from advdit.launchers.cli import main
+
+    assert main(["data", "bench", "--writer", "--count", "12", "--workers", "2", "--image-size", "64",
+                 "--samples-per-shard", "5", "--repeats", "2"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["images"] == 12 and report["workers"] == 2 and len(report["images_per_sec"]) == 2
+    assert report["median_images_per_sec"] > 0
+    assert report["median_images_per_sec_per_worker"] == pytest.approx(report["median_images_per_sec"] / 2,
+                                                                       abs=0.1)
+
+
+def test_benchmark_refuses_a_zero_count(capsys: pytest.CaptureFixture) -> None:
+    from advdit.launchers.cli import main
+
+    assert main(["data", "bench", "--writer", "--count", "0"]) == 2
+    assert "--count" in capsys.readouterr().err
