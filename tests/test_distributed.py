@@ -104,10 +104,15 @@ def test_export_gives_the_gathered_ema_and_weights(uninterrupted: dict[str, Path
     zero3_ema = ema_state(final_checkpoint(uninterrupted["zero3"]))
     for name, tensor in zero3_ema.items():
         assert torch.equal(exported["zero3", "ema"][name], tensor.float())
+    # Reduction order differs between strategies, and Adam's normalisation turns a rounding
+    # difference in a near-zero gradient into a step of up to lr: a few elements may drift by
+    # more than 1e-4 (seen in CI: one element of blocks.0.attn.proj.weight). A wrong
+    # consolidation (shards misplaced or missing) moves the bulk of a tensor, which the mean catches.
     for strategy in ("zero2", "zero3"):
         for weights in ("ema", "raw"):
             for name, tensor in exported["ddp", weights].items():
-                assert torch.allclose(exported[strategy, weights][name], tensor, atol=1e-4), (strategy, name)
+                difference = (exported[strategy, weights][name] - tensor).abs()
+                assert difference.mean() < 1e-5 and difference.max() < 1e-2, (strategy, weights, name)
     # The EMA moved (its updates were not lost under ZeRO-3): it differs from the raw weights'
     # starting point, the zero-initialised final layer.
     assert exported["zero3", "ema"]["final_layer.linear.weight"].abs().sum() > 0
