@@ -33,6 +33,8 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "scipy>=1.11",
+        # the 25-Gaussians benchmark's figure
+        "matplotlib>=3.7",
     ],
     extras_require={
         "gpu": ["xformers>=0.0.28"],

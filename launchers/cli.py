@@ -19,6 +19,7 @@ from ..trainer.data import DataError
 from ..trainer.tracking import TrackingError
 from .bench_data import add_bench_parser
 from .imagenet import add_imagenet_parser
+from .toy import add_toy_parser
 
 # Errors that describe a user's input; shown as one line instead of a traceback.
 USER_ERRORS = (ConfigError, DataError, TrackingError, CheckpointError, FileNotFoundError)
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     latents.add_argument("--image-size", type=int, required=True, help="the source shards' image size")
     latents.add_argument("--batch-size", type=int, default=64)
     latents.set_defaults(func=_data_latents)
+    add_toy_parser(commands)
     return parser
 
 

@@ -250,14 +250,18 @@ class StructureEncoder(nn.Module):
 
 
 class MLP(nn.Sequential):
-    """``layers`` hidden layers of ``hidden`` units with LeakyReLU(0.2), then a linear output."""
+    """``layers`` hidden layers of ``hidden`` units with LeakyReLU(``negative_slope``), then a linear output.
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 128, layers: int = 2) -> None:
+    The 25-Gaussians benchmark passes its own slope (``trainer/toy.py``, ``ToySettings``).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 128, layers: int = 2,
+                 negative_slope: float = _NEGATIVE_SLOPE) -> None:
         _check_positive(in_dim=in_dim, out_dim=out_dim, hidden=hidden, layers=layers)
         widths = [in_dim] + [hidden] * layers
         modules: list[nn.Module] = []
         for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
-            modules += [nn.Linear(w_in, w_out), nn.LeakyReLU(_NEGATIVE_SLOPE)]
+            modules += [nn.Linear(w_in, w_out), nn.LeakyReLU(negative_slope)]
         super().__init__(*modules, nn.Linear(hidden, out_dim))
 
 
@@ -285,10 +289,11 @@ class ToyTimeEncoding(nn.Module):
 class ToyGenerator(nn.Module):
     """GAN generator G(z) -> 2-D point (Diffusion-GAN toy: 2 hidden layers of 128 units)."""
 
-    def __init__(self, latent_dim: int = 2, data_dim: int = 2, hidden: int = 128, layers: int = 2) -> None:
+    def __init__(self, latent_dim: int = 2, data_dim: int = 2, hidden: int = 128, layers: int = 2,
+                 negative_slope: float = _NEGATIVE_SLOPE) -> None:
         super().__init__()
         self.latent_dim = latent_dim
-        self.net = MLP(latent_dim, data_dim, hidden, layers)
+        self.net = MLP(latent_dim, data_dim, hidden, layers, negative_slope)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
@@ -298,10 +303,10 @@ class ToyTimeDiscriminator(nn.Module):
     """Diffusion-GAN toy D(y, t) -> (B,) logits, t in [0, t_max] concatenated to the point y."""
 
     def __init__(self, data_dim: int = 2, t_max: int = 1000, encoding: str = "scalar", hidden: int = 128,
-                 layers: int = 2, t_dim: int = 16) -> None:
+                 layers: int = 2, t_dim: int = 16, negative_slope: float = _NEGATIVE_SLOPE) -> None:
         super().__init__()
         self.time = ToyTimeEncoding(t_max, encoding, t_dim)
-        self.net = MLP(data_dim + self.time.dim, 1, hidden, layers)
+        self.net = MLP(data_dim + self.time.dim, 1, hidden, layers, negative_slope)
 
     def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([y, self.time(t).to(y.dtype)], dim=1)).squeeze(1)
@@ -311,11 +316,12 @@ class ToyDDGANGenerator(nn.Module):
     """DDGAN toy G(x_t, z, t) -> x0' with t the step index in [0, num_steps) (3 FC layers of 512)."""
 
     def __init__(self, data_dim: int = 2, latent_dim: int = 2, num_steps: int = 4, encoding: str = "scalar",
-                 hidden: int = 512, layers: int = 2, t_dim: int = 16) -> None:
+                 hidden: int = 512, layers: int = 2, t_dim: int = 16,
+                 negative_slope: float = _NEGATIVE_SLOPE) -> None:
         super().__init__()
         self.latent_dim = latent_dim
         self.time = ToyTimeEncoding(num_steps, encoding, t_dim)
-        self.net = MLP(data_dim + latent_dim + self.time.dim, data_dim, hidden, layers)
+        self.net = MLP(data_dim + latent_dim + self.time.dim, data_dim, hidden, layers, negative_slope)
 
     def forward(self, x_t: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([x_t, z, self.time(t).to(x_t.dtype)], dim=1))
@@ -325,10 +331,10 @@ class ToyPairDiscriminator(nn.Module):
     """DDGAN toy D(x_prev, x_t, t) -> (B,) logits (3 FC layers of 512)."""
 
     def __init__(self, data_dim: int = 2, num_steps: int = 4, encoding: str = "scalar", hidden: int = 512,
-                 layers: int = 2, t_dim: int = 16) -> None:
+                 layers: int = 2, t_dim: int = 16, negative_slope: float = _NEGATIVE_SLOPE) -> None:
         super().__init__()
         self.time = ToyTimeEncoding(num_steps, encoding, t_dim)
-        self.net = MLP(2 * data_dim + self.time.dim, 1, hidden, layers)
+        self.net = MLP(2 * data_dim + self.time.dim, 1, hidden, layers, negative_slope)
 
     def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([x_prev, x_t, self.time(t).to(x_t.dtype)], dim=1)).squeeze(1)

@@ -1,0 +1,454 @@
+"""The 25-Gaussians benchmark of Diffusion-GAN (its Figure 5): vanilla GAN, Diffusion-GAN, DDGAN.
+
+The point of the benchmark is that it runs the very game code of the DiT trainer: Diffusion-GAN's
+``AdaptiveDiffusion`` and its ``discriminator_loss`` / ``generator_loss``, DDGAN's
+``DDGANSchedule`` and its losses, and the non-saturating losses and R1 of ``gan.py``. Only the
+networks (the toy MLPs of ``models/discriminators.py``) and the data differ.
+
+Data and metrics are the standard VEEGAN / PacGAN definitions, which the Diffusion-GAN paper is
+assumed to follow ([INFERRED], methods.md 3.8: its own definitions were not retrieved):
+
+- data: an equal mixture of 25 isotropic Gaussians with std 0.05 centred on {-4, -2, 0, 2, 4}^2;
+- a sample is *high quality* if it lies within 3 std (0.15) of its nearest centre;
+- a mode is *covered* if at least one high-quality sample is assigned to it;
+- both are measured on 2,500 samples drawn with a fixed seed after training.
+
+Every random draw (initial weights, data, z, diffusion noise, evaluation samples) comes from an
+explicit ``torch.Generator`` derived from ``seed``, so a run is reproducible on the same machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..models.discriminators import (
+    MLP,
+    ToyDDGANGenerator,
+    ToyGenerator,
+    ToyPairDiscriminator,
+    ToyTimeDiscriminator,
+)
+from . import ddgan, diffusion_gan
+from .config import ConfigError
+from .ema import EMA
+from .gan import d_loss_nonsaturating, g_loss_nonsaturating
+
+METHODS = ("gan", "diffusion_gan", "ddgan")
+GRID = (-4.0, -2.0, 0.0, 2.0, 4.0)
+MODE_STD = 0.05
+HQ_RADIUS = 3 * MODE_STD
+NUM_EVAL_SAMPLES = 2500
+
+# Independent random streams derived from the run's seed.
+_INIT_STREAM, _TRAIN_STREAM, _EVAL_STREAM, _CONTROLLER_STREAM = range(4)
+
+
+# --------------------------------------------------------------------------- data and metrics
+
+
+def mode_centres() -> torch.Tensor:
+    """The 25 centres, (25, 2), row-major over the grid."""
+    grid = torch.tensor(GRID)
+    return torch.cartesian_prod(grid, grid)
+
+
+def sample_data(n: int, generator: torch.Generator) -> torch.Tensor:
+    """n points of the mixture: a uniformly drawn centre plus N(0, 0.05^2 I) noise."""
+    centres = mode_centres()
+    index = torch.randint(0, len(centres), (n,), generator=generator)
+    return centres[index] + MODE_STD * torch.randn((n, 2), generator=generator)
+
+
+def mode_stats(samples: torch.Tensor | np.ndarray) -> dict[str, Any]:
+    """Coverage and quality of (N, 2) samples.
+
+    Returns ``modes_covered`` (modes holding >= 1 high-quality sample), ``high_quality_fraction``
+    (samples within ``HQ_RADIUS`` of their nearest centre), ``mode_counts`` (high-quality samples
+    per mode, row-major) and ``reverse_kl``: KL(q || uniform) of the high-quality samples' mode
+    histogram q (PacGAN's extra measure; nan without high-quality samples).
+    """
+    points = torch.as_tensor(samples, dtype=torch.float64)
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) == 0:
+        raise ValueError(f"samples must have shape (N, 2) with N >= 1, got {tuple(points.shape)}")
+    distances = torch.cdist(points, mode_centres().double())
+    nearest_distance, nearest = distances.min(dim=1)
+    high_quality = nearest_distance <= HQ_RADIUS
+    counts = torch.bincount(nearest[high_quality], minlength=len(GRID) ** 2)
+    q = counts.double() / counts.sum() if counts.sum() else counts.double()
+    kl = float((q[q > 0] * torch.log(q[q > 0] * len(q))).sum()) if counts.sum() else math.nan
+    return {"modes_covered": int((counts > 0).sum()),
+            "high_quality_fraction": float(high_quality.double().mean()),
+            "mode_counts": counts.tolist(), "reverse_kl": kl}
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class ToySettings:
+    """Hyper-parameters of one benchmark run; ``DEFAULTS`` holds each method's values, and
+    ``advdit toy --set KEY=VALUE`` changes any of them (docs/methods.md, "25 Gaussians", lists the
+    measured variants). Adam with StyleGAN2's betas (0, 0.99) at 2e-3, decayed along a cosine to 5%
+    of the rate, is the setting that reached the issue's targets.
+    """
+
+    iterations: int = 20_000
+    batch_size: int = 256
+    lr_g: float = 2e-3
+    lr_d: float = 2e-3
+    beta1: float = 0.0
+    beta2: float = 0.99
+    latent_dim: int = 2
+    hidden: int = 128
+    negative_slope: float = 0.01
+    time_encoding: str = "scalar"  # how D (and DDGAN's G) see t: scalar t / t_max or sinusoidal
+    ema_decay: float = 0.999
+    lr_final: float = 0.05  # the learning rates decay to this fraction along a cosine
+    r1_gamma: float = 0.0
+    r1_interval: int = 1
+    # Diffusion-GAN's controller (unused by the other methods).
+    noise_std: float = 1.0
+    t_min: int = 5
+    t_max: int = 500
+    target: float = 0.6
+    ada_kimg: float = 100.0
+    # DDGAN's chain (unused by the other methods).
+    num_steps: int = 4
+
+
+DEFAULTS: dict[str, ToySettings] = {
+    "gan": ToySettings(),
+    "diffusion_gan": ToySettings(),
+    # The issue's 2 x 128 MLPs (DDGAN's own toy used 3 x 512 and 50k iterations of batch 512). A
+    # sinusoidal t lets G and D act differently per level, and R1 on the real x_t keeps D smooth
+    # enough that G spreads over every mode (docs/methods.md has the runs without either).
+    "ddgan": ToySettings(iterations=30_000, time_encoding="sinusoidal", r1_gamma=0.02),
+}
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+    state = np.random.SeedSequence([seed, stream]).generate_state(2)
+    return (int(state[0]) << 32 | int(state[1])) & ((1 << 63) - 1)
+
+
+def _generator(seed: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_stream_seed(seed, stream))
+
+
+def _initialise(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """PyTorch's default ``nn.Linear`` initialisation, drawn from ``generator`` instead of the global RNG."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+            bound = 1 / math.sqrt(layer.in_features)
+            nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    return module
+
+
+# --------------------------------------------------------------------------- the three games
+
+
+class ToyGame(ABC):
+    """One method: its networks and optimisers, one training iteration, sampling, D's view."""
+
+    def __init__(self, settings: ToySettings, generator_net: nn.Module, disc: nn.Module,
+                 init: torch.Generator) -> None:
+        self.settings = settings
+        self.live_generator = _initialise(generator_net, init)
+        self.disc = _initialise(disc, init)
+        betas = (settings.beta1, settings.beta2)
+        self.ema = EMA(self.live_generator, settings.ema_decay, warmup=True)
+        self.opt_g = torch.optim.Adam(self.live_generator.parameters(), lr=settings.lr_g, betas=betas)
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=settings.lr_d, betas=betas)
+        self.schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, settings.iterations, eta_min=opt.param_groups[0]["lr"] * settings.lr_final)
+            for opt in (self.opt_g, self.opt_d)]
+        self.iteration = 0
+
+    def train_step(self, real: torch.Tensor, rng: torch.Generator) -> dict[str, float]:
+        """A D step then a G step (D frozen), as DDGAN's loop; returns the losses."""
+        r1_weight = self._r1_weight()
+        self.opt_d.zero_grad(set_to_none=True)
+        d_terms = self.d_terms(real, rng, r1_weight)
+        d_terms["loss"].backward()
+        self.opt_d.step()
+
+        self.disc.requires_grad_(False)
+        self.opt_g.zero_grad(set_to_none=True)
+        g_loss = self.g_loss(real, rng)
+        g_loss.backward()
+        self.opt_g.step()
+        self.ema.update(self.live_generator)
+        self.disc.requires_grad_(True)
+        for scheduler in self.schedulers:
+            scheduler.step()
+        self.iteration += 1
+        return {"loss_d": d_terms["loss"].item(), "loss_g": g_loss.item()} | self.after_step(rng)
+
+    def _r1_weight(self) -> float:
+        # StyleGAN2's lazy R1 scales gamma / 2 by the interval; with interval 1 this is DDGAN's form.
+        s = self.settings
+        regularise = s.r1_gamma > 0 and self.iteration % s.r1_interval == 0
+        return s.r1_gamma / 2 * s.r1_interval if regularise else 0.0
+
+    def z(self, n: int, rng: torch.Generator) -> torch.Tensor:
+        return torch.randn((n, self.settings.latent_dim), generator=rng)
+
+    @abstractmethod
+    def d_terms(self, real: torch.Tensor, rng: torch.Generator, r1_weight: float) -> dict[str, torch.Tensor]:
+        """D's loss terms for one real batch (the fakes detached)."""
+
+    @abstractmethod
+    def g_loss(self, real: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        """G's loss against the current D."""
+
+    def after_step(self, rng: torch.Generator) -> dict[str, float]:
+        """Per-iteration bookkeeping; returns values to show and report."""
+        return {}
+
+    @abstractmethod
+    def sample(self, n: int, rng: torch.Generator) -> torch.Tensor:
+        """n generated points, (n, 2)."""
+
+    @abstractmethod
+    def critic(self, real: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """D's logits on clean real and generated inputs (t = 0 where D takes a time)."""
+
+
+class LatentGame(ToyGame):
+    """A one-step generator G(z) (vanilla GAN and Diffusion-GAN); ``d_logits`` is D on clean points."""
+
+    def __init__(self, settings: ToySettings, disc: nn.Module, init: torch.Generator) -> None:
+        s = settings
+        generator_net = ToyGenerator(s.latent_dim, hidden=s.hidden, negative_slope=s.negative_slope)
+        super().__init__(settings, generator_net, disc, init)
+
+    @abstractmethod
+    def d_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,) logits of D on clean points."""
+
+    def fake(self, n: int, rng: torch.Generator) -> torch.Tensor:
+        return self.live_generator(self.z(n, rng))
+
+    @torch.no_grad()
+    def sample(self, n: int, rng: torch.Generator) -> torch.Tensor:
+        return self.ema.model(self.z(n, rng))
+
+    @torch.no_grad()
+    def critic(self, real: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.d_logits(real), self.d_logits(self.sample(len(real), rng))
+
+
+class VanillaGAN(LatentGame):
+    """G(z) against an MLP D on clean points, non-saturating loss, no regulariser."""
+
+    def __init__(self, settings: ToySettings, init: torch.Generator) -> None:
+        super().__init__(settings, MLP(2, 1, settings.hidden, negative_slope=settings.negative_slope), init)
+
+    def d_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.disc(x).squeeze(1)
+
+    def d_terms(self, real: torch.Tensor, rng: torch.Generator, r1_weight: float) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            fake = self.fake(len(real), rng)
+        return {"loss": d_loss_nonsaturating(self.d_logits(real), self.d_logits(fake))}
+
+    def g_loss(self, real: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        return g_loss_nonsaturating(self.d_logits(self.fake(len(real), rng)))
+
+
+class DiffusionGAN(LatentGame):
+    """G(z) against D(y, t) on adaptively diffused points: trainer/diffusion_gan.py's game."""
+
+    def __init__(self, settings: ToySettings, init: torch.Generator, controller_seed: int) -> None:
+        s = settings
+        disc = ToyTimeDiscriminator(t_max=s.t_max, encoding=s.time_encoding, hidden=s.hidden,
+                                    negative_slope=s.negative_slope)
+        super().__init__(settings, disc, init)
+        self.controller = diffusion_gan.AdaptiveDiffusion(
+            t_min=s.t_min, t_max=s.t_max, noise_std=s.noise_std, target=s.target, ada_kimg=s.ada_kimg,
+            seed=controller_seed)
+
+    def d_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.disc(x, torch.zeros(len(x), dtype=torch.long))
+
+    def d_terms(self, real: torch.Tensor, rng: torch.Generator, r1_weight: float) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            fake = self.fake(len(real), rng)
+        return diffusion_gan.discriminator_loss(self.disc, self.controller, real, fake, rng, r1_weight)
+
+    def g_loss(self, real: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        return diffusion_gan.generator_loss(self.disc, self.controller, self.fake(len(real), rng), rng)
+
+    def after_step(self, rng: torch.Generator) -> dict[str, float]:
+        self.controller.update(self.settings.batch_size, rng)
+        return {"T": self.controller.T, "p": self.controller.p}
+
+
+class DDGAN(ToyGame):
+    """G(x_{t+1}, z, t) -> x0' and posterior sampling against D(x_t, x_{t+1}, t): trainer/ddgan.py's game."""
+
+    def __init__(self, settings: ToySettings, init: torch.Generator) -> None:
+        s = settings
+        net_kwargs = {"num_steps": s.num_steps, "encoding": s.time_encoding, "hidden": s.hidden,
+                      "negative_slope": s.negative_slope}
+        super().__init__(settings, ToyDDGANGenerator(latent_dim=s.latent_dim, **net_kwargs),
+                         ToyPairDiscriminator(**net_kwargs), init)
+        self.schedule = ddgan.DDGANSchedule(s.num_steps)
+
+    def fake_pair(self, net: nn.Module, real: torch.Tensor, rng: torch.Generator,
+                  t: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """(t, real x_t, x_{t+1}, generated x_t) for fresh t (unless given), pairs and z."""
+        if t is None:
+            t = torch.randint(0, self.schedule.num_steps, (len(real),), generator=rng)
+        real_prev, x_next = self.schedule.q_sample_pairs(real, t, rng)
+        x0_pred = net(x_next, self.z(len(real), rng), t)
+        return t, real_prev, x_next, self.schedule.posterior_sample(x0_pred, x_next, t, rng)
+
+    def d_terms(self, real: torch.Tensor, rng: torch.Generator, r1_weight: float) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            t, real_prev, x_next, fake_prev = self.fake_pair(self.live_generator, real, rng)
+        return ddgan.discriminator_loss(self.disc, real_prev, fake_prev, x_next, t, r1_weight)
+
+    def g_loss(self, real: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        t, _, x_next, fake_prev = self.fake_pair(self.live_generator, real, rng)
+        return ddgan.generator_loss(self.disc, fake_prev, x_next, t)
+
+    @torch.no_grad()
+    def sample(self, n: int, rng: torch.Generator) -> torch.Tensor:
+        def generator_fn(x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, _: None) -> torch.Tensor:
+            return self.ema.model(x, z, t)
+
+        return self.schedule.sample(generator_fn, (n, 2), None, rng, self.settings.latent_dim)
+
+    @torch.no_grad()
+    def critic(self, real: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        # The last reverse step (t = 0): real x_0 against G's x_0 given the same real x_1.
+        t = torch.zeros(len(real), dtype=torch.long)
+        t, real_prev, x_next, fake_prev = self.fake_pair(self.ema.model, real, rng, t)
+        return self.disc(real_prev, x_next, t), self.disc(fake_prev, x_next, t)
+
+
+def build_game(method: str, settings: ToySettings, seed: int) -> ToyGame:
+    init = _generator(seed, _INIT_STREAM)
+    if method == "gan":
+        return VanillaGAN(settings, init)
+    if method == "diffusion_gan":
+        return DiffusionGAN(settings, init, _stream_seed(seed, _CONTROLLER_STREAM))
+    if method == "ddgan":
+        return DDGAN(settings, init)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train_game(game: ToyGame, iterations: int, seed: int, progress: bool = True) -> dict[str, float]:
+    """``iterations`` training steps on fresh data batches; returns the last step's values."""
+    rng = _generator(seed, _TRAIN_STREAM)
+    values: dict[str, float] = {}
+    bar = tqdm(range(iterations), desc=type(game).__name__, disable=not progress, mininterval=1.0)
+    for step in bar:
+        values = game.train_step(sample_data(game.settings.batch_size, rng), rng)
+        if step % 100 == 0:
+            bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
+    return values
+
+
+def toy_settings(method: str, overrides: dict[str, Any] | None = None) -> ToySettings:
+    """The method's ``DEFAULTS`` with ``overrides`` (field name -> value) applied and checked."""
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    # Field types are strings here (postponed annotations): "int", "float" or "str".
+    types = {f.name: f.type for f in fields(ToySettings)}
+    changes = dict(overrides or {})
+    for key, value in changes.items():
+        if key not in types:
+            raise ConfigError(f"unknown toy setting {key!r}; valid: {', '.join(types)}")
+        expected = {"int": int, "float": (int, float), "str": str}[types[key]]
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise ConfigError(f"toy setting {key!r} must be a {types[key]}, got {value!r}")
+        if types[key] == "float":
+            changes[key] = float(value)
+    settings = replace(DEFAULTS[method], **changes)
+    if settings.iterations < 1 or settings.batch_size < 1:
+        raise ConfigError(f"iterations and batch_size must be >= 1, got {settings.iterations}, "
+                         f"{settings.batch_size}")
+    return settings
+
+
+def run_toy(method: str, out_dir: str | Path, overrides: dict[str, Any] | None = None, seed: int = 0,
+            progress: bool = True) -> dict[str, Any]:
+    """Train ``method`` on 25 Gaussians, evaluate 2,500 samples and write the run's files.
+
+    ``overrides`` change the method's ``DEFAULTS`` (see ``toy_settings``). Writes
+    ``samples_<method>.npy``, ``<method>.png`` (real points, generated points, D's logits on real
+    and generated inputs) and ``result_<method>.json``, whose content is returned.
+    """
+    settings = toy_settings(method, overrides)
+    torch.set_grad_enabled(True)
+    start = time.perf_counter()
+    game = build_game(method, settings, seed)
+    last = train_game(game, settings.iterations, seed, progress)
+    train_seconds = time.perf_counter() - start
+
+    eval_rng = _generator(seed, _EVAL_STREAM)
+    samples = game.sample(NUM_EVAL_SAMPLES, eval_rng)
+    real = sample_data(NUM_EVAL_SAMPLES, eval_rng)
+    real_logits, fake_logits = game.critic(real, eval_rng)
+    stats = mode_stats(samples)
+    result = {"method": method, "modes_covered": stats["modes_covered"],
+              "high_quality_percent": 100 * stats["high_quality_fraction"],
+              "reverse_kl": stats["reverse_kl"], "mode_counts": stats["mode_counts"],
+              "iterations": settings.iterations, "seconds": round(train_seconds, 1), "seed": seed,
+              "num_samples": NUM_EVAL_SAMPLES, "final": last, "settings": asdict(settings)}
+    if isinstance(game, DiffusionGAN):
+        result |= {"final_T": game.controller.T, "final_p": game.controller.p}
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / f"samples_{method}.npy", samples.numpy())
+    plot_run(out / f"{method}.png", real, samples, real_logits, fake_logits, result)
+    (out / f"result_{method}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def plot_run(path: Path, real: torch.Tensor, samples: torch.Tensor, real_logits: torch.Tensor,
+             fake_logits: torch.Tensor, result: dict[str, Any]) -> None:
+    """Three panels: real samples, generated samples (high quality in blue), D's logits."""
+    # The object-oriented API with the Agg canvas: no pyplot, no global backend state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4), dpi=80)
+    FigureCanvasAgg(fig)
+    real_ax, fake_ax, d_ax = fig.subplots(1, 3)
+    centres = mode_centres()
+    high_quality = torch.cdist(samples.double(), centres.double()).min(dim=1).values <= HQ_RADIUS
+    real_ax.scatter(real[:, 0], real[:, 1], s=2, c="tab:green")
+    fake_ax.scatter(samples[high_quality, 0], samples[high_quality, 1], s=2, c="tab:blue",
+                    label="high quality")
+    fake_ax.scatter(samples[~high_quality, 0], samples[~high_quality, 1], s=2, c="tab:red", label="other")
+    fake_ax.legend(loc="upper right", fontsize=7, markerscale=3)
+    for ax, title in ((real_ax, "real"), (fake_ax, f"{result['method']}: {result['modes_covered']}/25 modes, "
+                                                   f"{result['high_quality_percent']:.1f}% HQ")):
+        ax.scatter(centres[:, 0], centres[:, 1], s=12, marker="+", c="black", linewidths=0.8)
+        ax.set(xlim=(-6, 6), ylim=(-6, 6), aspect="equal", title=title)
+    bins = np.histogram_bin_edges(torch.cat([real_logits, fake_logits]).numpy(), bins=60)
+    d_ax.hist(real_logits.numpy(), bins=bins, alpha=0.6, color="tab:green", label="D(real)")
+    d_ax.hist(fake_logits.numpy(), bins=bins, alpha=0.6, color="tab:blue", label="D(generated)")
+    d_ax.set(title="D logits (clean inputs, t = 0)", xlabel="logit")
+    d_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
