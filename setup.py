@@ -33,6 +33,8 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "scipy>=1.11",
+        # FID's TF-ported Inception-v3 (its weights are a local file, never downloaded)
+        "torch-fidelity>=0.4,<0.5",
         # the 25-Gaussians benchmark's figure
         "matplotlib>=3.7",
     ],

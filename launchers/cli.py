@@ -18,7 +18,9 @@ from ..trainer.config import ConfigError, load_config
 from ..trainer.data import DataError
 from ..trainer.tracking import TrackingError
 from .bench_data import add_bench_parser
+from .fid import add_fid_parser
 from .imagenet import add_imagenet_parser
+from .sample import add_sample_parser
 from .toy import add_toy_parser
 
 # Errors that describe a user's input; shown as one line instead of a traceback.
@@ -64,6 +66,11 @@ def _data_demo(args: argparse.Namespace) -> int:
                                  samples_per_shard=args.samples_per_shard, seed=args.seed)
     print(f"wrote {manifest['num_samples']} images in {len(manifest['shards'])} shards to {args.out}")
     return 0
+
+
+def relaunch(nproc: int, argv: Sequence[str]) -> int:
+    """Run the command ``argv`` (its --nproc removed) in ``nproc`` processes through torchrun."""
+    return _relaunch(nproc, _without_nproc(argv))
 
 
 def _without_nproc(argv: Sequence[str]) -> list[str]:
@@ -132,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     latents.add_argument("--batch-size", type=int, default=64)
     latents.set_defaults(func=_data_latents)
     add_toy_parser(commands)
+    add_sample_parser(commands)
+    add_fid_parser(commands)
     return parser
 
 

@@ -12,19 +12,33 @@ on, so a model trained on 1000 steps can be sampled on a respaced process of, sa
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 ModelFn = Callable[..., torch.Tensor]
+# One generator for the batch, or one per sample (row i of every draw comes from generator i, so a
+# sample is the same whichever batch it is drawn in: what distributed evaluation sampling needs).
+Generators = torch.Generator | Sequence[torch.Generator]
 
 _LOG2 = math.log(2.0)
 # Half the width of one of the 256 pixel bins once [0, 255] is mapped onto [-1, 1].
 _HALF_BIN = 1.0 / 255.0
 # Floor inside the decoder log-likelihood: keeps log() finite for bins the model puts ~0 mass on.
 _MIN_PROB = 1e-12
+
+
+def randn(shape: Sequence[int], generator: Generators | None, device: torch.device | str | None = None,
+          dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Standard normal noise of ``shape`` from one generator, or row by row from one per sample."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype)
+                        for g in generator])
 
 
 # --------------------------------------------------------------------------- schedule and spacing
@@ -441,7 +455,7 @@ class GaussianDiffusion:
     def _initial_noise(
         self,
         shape: tuple[int, ...],
-        generator: torch.Generator | None,
+        generator: Generators | None,
         device: torch.device | str | None,
         noise: torch.Tensor | None,
     ) -> torch.Tensor:
@@ -449,7 +463,7 @@ class GaussianDiffusion:
             if tuple(noise.shape) != tuple(shape):
                 raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
             return noise
-        return torch.randn(shape, generator=generator, device=device)
+        return randn(shape, generator, device)
 
     def _steps(self, progress: bool) -> Iterable[int]:
         steps: Iterable[int] = range(self.num_timesteps - 1, -1, -1)
@@ -465,7 +479,7 @@ class GaussianDiffusion:
         model_fn: ModelFn,
         shape: tuple[int, ...],
         model_kwargs: dict[str, Any] | None,
-        generator: torch.Generator | None,
+        generator: Generators | None,
         device: torch.device | str | None,
         clip_denoised: bool,
         progress: bool,
@@ -488,7 +502,7 @@ class GaussianDiffusion:
         model_fn: ModelFn,
         shape: tuple[int, ...],
         model_kwargs: dict[str, Any] | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators | None = None,
         device: torch.device | str | None = None,
         clip_denoised: bool = False,
         progress: bool = False,
@@ -496,14 +510,14 @@ class GaussianDiffusion:
     ) -> torch.Tensor:
         """Ancestral (DDPM) sampling from x_T = ``noise`` (or fresh noise) down to x_0.
 
-        Every random number comes from ``generator``, so a seeded generator reproduces the
-        samples. ``device`` defaults to the noise's, else the generator's, device.
+        Every random number comes from ``generator`` (or from one generator per sample), so seeded
+        generators reproduce the samples. ``device`` defaults to the noise's, else the generator's, device.
         """
 
         def step(x: torch.Tensor, i: int, out: dict[str, torch.Tensor]) -> torch.Tensor:
             if i == 0:
                 return out["mean"]  # the decoder's mean: no noise is added at the last step
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = randn(x.shape, generator, x.device, x.dtype)
             return out["mean"] + torch.exp(0.5 * out["log_variance"]) * z
 
         return self._sample_loop(
@@ -516,7 +530,7 @@ class GaussianDiffusion:
         model_fn: ModelFn,
         shape: tuple[int, ...],
         model_kwargs: dict[str, Any] | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators | None = None,
         device: torch.device | str | None = None,
         clip_denoised: bool = False,
         progress: bool = False,
@@ -540,7 +554,7 @@ class GaussianDiffusion:
             x_prev = math.sqrt(acp_prev) * out["pred_xstart"] + eps_scale * out["eps"]
             if sigma == 0.0:
                 return x_prev  # eta == 0, or t == 0 where acp_prev == 1 makes sigma exactly 0
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = randn(x.shape, generator, x.device, x.dtype)
             return x_prev + sigma * z
 
         return self._sample_loop(
@@ -548,8 +562,10 @@ class GaussianDiffusion:
         )
 
 
-def _generator_device(generator: torch.Generator | None) -> torch.device:
-    return generator.device if generator is not None else torch.device("cpu")
+def _generator_device(generator: Generators | None) -> torch.device:
+    if generator is None:
+        return torch.device("cpu")
+    return generator.device if isinstance(generator, torch.Generator) else generator[0].device
 
 
 # --------------------------------------------------------------------------- builders

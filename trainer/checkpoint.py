@@ -37,6 +37,9 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 RESUMABLE_CHANGES = {
     "run.name", "run.output_dir", "train.steps", "train.log_every", "train.ckpt_every",
     "train.keep_last", "train.sample_every", "tracking.uri", "tracking.enabled", "tracking.experiment",
+    # evaluation only reads the weights (and checkpoints made before the eval section lack these keys)
+    "eval.fid_every", "eval.fid_samples", "eval.final_fid_samples", "eval.reference",
+    "eval.inception_weights", "eval.feature_net", "eval.batch_size", "eval.cache_dir",
 }
 
 

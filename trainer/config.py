@@ -159,6 +159,22 @@ class DDGANConfig:
 
 
 @dataclass
+class EvalConfig:
+    """FID of the EMA weights during training (trainer/evaluate.py); sampled with ``sample.*``."""
+
+    fid_every: int = 0  # steps between FID measurements; 0: never
+    fid_samples: int = 5000  # logged as fid5k
+    final_fid_samples: int = 0  # at the last step (50000: FID-50K); 0: none
+    # An ADM reference batch (VIRTUAL_imagenet256_labeled.npz), a file of advdit fid --save-stats,
+    # or shards (a folder or pattern) whose statistics are computed once and cached in cache_dir.
+    reference: str | None = None
+    inception_weights: str | None = None  # null: $ADVDIT_INCEPTION_WEIGHTS
+    feature_net: str | None = None  # null: the TF-ported Inception-v3; or a spec JSON (tests)
+    batch_size: int = 64  # per process, for sampling and features
+    cache_dir: str = "~/.cache/advdit/fid"
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     # null: a sqlite store inside the run's output folder, unless MLFLOW_TRACKING_URI is set.
@@ -184,6 +200,7 @@ class Config:
     ddgan: DDGANConfig = field(default_factory=DDGANConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -291,6 +308,18 @@ def flatten(cfg: Config) -> dict[str, Any]:
     return flat
 
 
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`flatten`: {"train.steps": 200} -> {"train": {"steps": 200}}."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *sections, leaf = key.split(".")
+        node = nested
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    return nested
+
+
 def all_keys(cfg: Config) -> list[str]:
     """Every dotted leaf key of the config."""
     return list(flatten(cfg))
@@ -351,7 +380,7 @@ def _validate(cfg: Config, set_keys: set[str]) -> None:
                 "train.ckpt_every", "train.keep_last", "train.sample_every", "sample.steps",
                 "diffusion.steps", "model.num_classes", "ddgan.num_steps", "ddgan.z_dim",
                 "ddgan.r1_interval", "diffusion_gan.r1_interval", "disc.base_channels",
-                "disc.num_blocks", "sadm.feature_dim"]
+                "disc.num_blocks", "sadm.feature_dim", "eval.batch_size"]
     for key in positive:
         if get_value(cfg, key) <= 0:
             raise ConfigError(f"config key {key!r} must be positive")
@@ -359,6 +388,14 @@ def _validate(cfg: Config, set_keys: set[str]) -> None:
         raise ConfigError("config key 'model.class_dropout' must be in [0, 1)")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError("config key 'train.ema_decay' must be in [0, 1)")
+    for key in ("eval.fid_every", "eval.final_fid_samples"):
+        if get_value(cfg, key) < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0 (0 turns it off)")
+    if (cfg.eval.fid_every or cfg.eval.final_fid_samples) and not cfg.eval.reference:
+        raise ConfigError("FID during training (eval.fid_every / eval.final_fid_samples) needs "
+                          "eval.reference: an ADM reference batch .npz, a statistics .npz or shards")
+    if cfg.eval.fid_every and cfg.eval.fid_samples < 2:
+        raise ConfigError("config key 'eval.fid_samples' must be >= 2 (a covariance needs 2 images)")
     if cfg.sadm.distance == "kl" and cfg.sadm.affinity != "softmax":
         raise ConfigError("config key 'sadm.distance' = 'kl' needs sadm.affinity=softmax (row distributions)")
     bad_classes = [c for c in cfg.sample.grid_classes if not 0 <= c < cfg.model.num_classes]
@@ -370,11 +407,16 @@ def _validate(cfg: Config, set_keys: set[str]) -> None:
     _check_method_keys(cfg, set_keys)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file at ``path``, then each ``key=value`` override, validated."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict[str, Any] | None = None) -> Config:
+    """Defaults, then ``base`` (a nested dict, e.g. a checkpoint's recorded config), then the YAML
+    file at ``path``, then each ``key=value`` override, validated."""
     cfg = Config()
     valid = all_keys(cfg)
     set_keys: set[str] = set()
+    if base:
+        # A recorded config holds every key, also of other objectives' sections: not "set" by a user.
+        _merge(cfg, base, "", valid, set())
     if path is not None:
         path = Path(path)
         if not path.is_file():

@@ -30,6 +30,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from ..models.diffusion import Generators, randn
 from ..models.discriminators import PairDiscriminator
 from .config import Config
 from .gan import discriminator_terms, g_loss_nonsaturating
@@ -129,7 +130,7 @@ class DDGANSchedule:
         return mean, variance, log_variance
 
     def posterior_sample(self, x0_pred: torch.Tensor, x_next: torch.Tensor, t: torch.Tensor,
-                         generator: torch.Generator) -> torch.Tensor:
+                         generator: Generators) -> torch.Tensor:
         """x_t ~ q(x_t | x_{t+1}, x0_pred); the mean alone where t == 0. Differentiable in x0_pred.
 
         The noise is drawn for the whole batch even where t == 0 (masked out), as in the code.
@@ -141,24 +142,25 @@ class DDGANSchedule:
 
     @torch.no_grad()
     def sample(self, generator_fn: GeneratorFn, shape: tuple[int, ...], labels: torch.Tensor | None,
-               generator: torch.Generator, latent_dim: int,
+               generator: Generators, latent_dim: int,
                device: torch.device | str | None = None) -> torch.Tensor:
         """NFE = T sampling: x ~ N(0, I), then for t = T-1 .. 0: z ~ N(0, I_latent_dim),
         x0' = generator_fn(x, t, z, labels), x ~ q(x_t | x, x0').
 
         ``device`` defaults to the labels', else the generator's. Draw order per step: z, then the
-        posterior noise, as in the code's ``sample_from_model``.
+        posterior noise, as in the code's ``sample_from_model``. ``generator`` may be one generator
+        per sample (see ``models.diffusion.randn``).
         """
         if latent_dim < 1:
             raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
         if labels is not None and labels.shape != (shape[0],):
             raise ValueError(f"labels has shape {tuple(labels.shape)}, expected ({shape[0]},)")
         if device is None:
-            device = labels.device if labels is not None else generator.device
-        x = torch.randn(shape, generator=generator, device=device)
+            device = labels.device if labels is not None else _first(generator).device
+        x = randn(shape, generator, device)
         for step in reversed(range(self.num_steps)):
             t = torch.full((shape[0],), step, dtype=torch.long, device=device)
-            z = torch.randn((shape[0], latent_dim), generator=generator, device=device)
+            z = randn((shape[0], latent_dim), generator, device)
             x0_pred = generator_fn(x, t, z, labels).to(x.dtype)
             x = self.posterior_sample(x0_pred, x, t, generator)
         return x
@@ -188,8 +190,12 @@ def generator_loss(disc: nn.Module, fake_prev: torch.Tensor, x_next: torch.Tenso
     return g_loss_nonsaturating(disc(fake_prev, x_next.detach(), t, **cond))
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def _randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    return randn(x.shape, generator, x.device, x.dtype)
+
+
+def _first(generator: Generators) -> torch.Generator:
+    return generator if isinstance(generator, torch.Generator) else generator[0]
 
 
 # --------------------------------------------------------------------------- the objective
@@ -280,7 +286,7 @@ class DDGANObjective(DiffusionObjective):
         return metrics
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, labels: torch.Tensor, generator: torch.Generator,
+    def sample(self, model: nn.Module, labels: torch.Tensor, generator: Generators,
                clip_denoised: bool) -> torch.Tensor:
         """NFE = num_steps posterior sampling (x0' clipped to [-1, 1] in pixel space)."""
         def generator_fn(x: torch.Tensor, t: torch.Tensor, z: torch.Tensor,

@@ -16,7 +16,6 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from ..models.diffusion import build_diffusion
-from ..models.dit import build_dit
 from ..models.vae import load_codec
 from .checkpoint import (
     CheckpointError,
@@ -30,8 +29,15 @@ from .config import Config, config_hash, dump_yaml, flatten
 from .data import StreamSpec, build_loader, check_manifest, normalize_images, resolve_shards
 from .ema import EMA
 from .engines import gathered, make_accelerator
-from .evaluate import sample_grid
-from .objectives import VAE_STREAM, Denoiser, StepContext, objective_class, step_generator
+from .evaluate import Sampler, TrainingFID, sample_grid
+from .objectives import (
+    VAE_STREAM,
+    Denoiser,
+    StepContext,
+    build_denoiser,
+    objective_class,
+    step_generator,
+)
 from .tracking import MlflowTracker, check_reachable, resolve_uri
 
 logger = logging.getLogger(__name__)
@@ -113,6 +119,7 @@ class Trainer:
         self.accelerator = make_accelerator(cfg)
         self.state = TrainState()
         self.tracker: MlflowTracker | None = None
+        self.fid: TrainingFID | None = None
         self.config_changes: dict[str, tuple[Any, Any]] = {}
         self.history: list[dict[str, float]] = []
 
@@ -123,6 +130,8 @@ class Trainer:
         check_manifest(self.cfg.data.shards, self.cfg.data.image_size)
         if self.cfg.tracking.enabled and self.accelerator.is_main_process:
             check_reachable(resolve_uri(self.cfg.tracking.uri, self.output_dir))
+        # The feature network and reference statistics are loaded (and checked) before training.
+        self.fid = TrainingFID.from_config(self.cfg, self.accelerator)
         return shards
 
     def build(self) -> None:
@@ -131,12 +140,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.codec = load_codec(cfg.vae).to(accelerator.device)
         latent_size = cfg.data.image_size // self.codec.downsample
-        model = build_dit(cfg.model.arch, input_size=latent_size, in_channels=self.codec.channels,
-                          depth=cfg.model.depth, hidden_size=cfg.model.hidden_size,
-                          num_heads=cfg.model.num_heads, num_classes=cfg.model.num_classes,
-                          learn_sigma=cfg.model.learn_sigma, attention=cfg.model.attention,
-                          grad_checkpointing=cfg.model.grad_checkpointing,
-                          **objective_class(cfg.objective).denoiser_kwargs(cfg))
+        model = build_denoiser(cfg, self.codec.channels, latent_size)
         self.ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
         self.ema.model.to(accelerator.device)
         optimizer, scheduler = build_optimizer(model, cfg)
@@ -237,6 +241,17 @@ class Trainer:
             self.tracker.log_artifact(path, "samples")
         return path
 
+    def _fid(self, step: int, last: bool) -> None:
+        """FID of the EMA weights when due, drawn by every rank; logged by the main process."""
+        sampler = Sampler(self.ema.model, self.objective, self.codec, self.accelerator.device,
+                          self.accelerator.autocast)
+        metrics = self.fid.after_step(step, last, sampler)
+        if metrics and self.accelerator.is_main_process:
+            with (self.output_dir / "fid.jsonl").open("a") as handle:
+                handle.write(json.dumps({"step": step, **metrics}) + "\n")
+            if self.tracker:
+                self.tracker.log_metrics(metrics, step)
+
     def run(self) -> TrainResult:
         cfg, accelerator = self.cfg, self.accelerator
         shards = self._check_inputs()
@@ -307,6 +322,8 @@ class Trainer:
                 checkpoint = self._checkpoint()
             if step % cfg.train.sample_every == 0 or last:
                 grid = self._grid() or grid
+            if self.fid is not None:
+                self._fid(step, last)
         bar.close()
         # Every rank's own peak, for comparing strategies (the metric above is rank 0's).
         record = {"rank": accelerator.process_index, "peak_gb": peak_memory_gb(accelerator.device)}

@@ -23,7 +23,8 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from ..models.diffusion import GaussianDiffusion, build_diffusion, cfg_model_fn
+from ..models.diffusion import GaussianDiffusion, Generators, build_diffusion, cfg_model_fn
+from ..models.dit import build_dit
 from .config import Config, DiscConfig
 from .engines import global_grad_norm, prepare_adversary
 
@@ -202,9 +203,10 @@ class DiffusionObjective:
         return self.base_metrics(denoised, loss, grad_norm)
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, labels: torch.Tensor, generator: torch.Generator,
+    def sample(self, model: nn.Module, labels: torch.Tensor, generator: Generators,
                clip_denoised: bool) -> torch.Tensor:
-        """Latents for ``labels`` with the configured sampler, steps and CFG scale."""
+        """Latents for ``labels`` with the configured sampler, steps and CFG scale; ``generator``
+        may be one generator per sample."""
         cfg = self.cfg
         respacing = f"ddim{cfg.sample.steps}" if cfg.sample.sampler == "ddim" else cfg.sample.steps
         diffusion = build_diffusion(cfg.diffusion.steps, cfg.diffusion.beta_start,
@@ -214,6 +216,16 @@ class DiffusionObjective:
         shape = (len(labels), self.channels, self.latent_size, self.latent_size)
         return loop(guided, shape, {"y": labels}, generator=generator, device=labels.device,
                     clip_denoised=clip_denoised)
+
+
+def build_denoiser(cfg: Config, channels: int, latent_size: int) -> nn.Module:
+    """The DiT of ``cfg`` for inputs of ``channels`` x ``latent_size``^2, with the extra inputs its
+    objective needs (for training, and for sampling a checkpoint)."""
+    return build_dit(cfg.model.arch, input_size=latent_size, in_channels=channels, depth=cfg.model.depth,
+                     hidden_size=cfg.model.hidden_size, num_heads=cfg.model.num_heads,
+                     num_classes=cfg.model.num_classes, learn_sigma=cfg.model.learn_sigma,
+                     attention=cfg.model.attention, grad_checkpointing=cfg.model.grad_checkpointing,
+                     **objective_class(cfg.objective).denoiser_kwargs(cfg))
 
 
 def objective_class(name: str) -> type[DiffusionObjective]:
