@@ -16,15 +16,17 @@ from collections.abc import Sequence
 from ..trainer.checkpoint import CheckpointError
 from ..trainer.config import ConfigError, load_config
 from ..trainer.data import DataError
+from ..trainer.preemption import PREEMPTED_EXIT_CODE
 from ..trainer.tracking import TrackingError
 from .bench_data import add_bench_parser
 from .fid import add_fid_parser
 from .imagenet import add_imagenet_parser
 from .sample import add_sample_parser
+from .slurm import SlurmError, add_slurm_parser
 from .toy import add_toy_parser
 
 # Errors that describe a user's input; shown as one line instead of a traceback.
-USER_ERRORS = (ConfigError, DataError, TrackingError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, TrackingError, CheckpointError, FileNotFoundError, SlurmError)
 
 
 def _relaunch(nproc: int, argv: Sequence[str]) -> int:
@@ -41,6 +43,11 @@ def _train(args: argparse.Namespace) -> int:
         return _relaunch(args.nproc, _without_nproc(sys.argv[1:]))
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+    if result.preempted:  # on every rank, so launchers and the sbatch script see it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"preempted at step {result.step}: checkpoint {result.checkpoint}; the same "
+                  "command continues the run")
+        return PREEMPTED_EXIT_CODE
     if os.environ.get("RANK", "0") != "0":
         return 0
     print(f"finished at step {result.step}; outputs in {result.output_dir}")
@@ -141,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_toy_parser(commands)
     add_sample_parser(commands)
     add_fid_parser(commands)
+    add_slurm_parser(commands)
     return parser
 
 
@@ -149,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may stand anywhere, also after an option (argparse alone stops collecting them).
     args, extra = parser.parse_known_args(argv)
-    stray = [arg for arg in extra if arg.startswith("-") or "=" not in arg or args.command != "train"]
+    stray = [arg for arg in extra if arg.startswith("-") or "=" not in arg or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:

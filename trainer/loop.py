@@ -38,6 +38,7 @@ from .objectives import (
     objective_class,
     step_generator,
 )
+from .preemption import PreemptionGuard
 from .tracking import MlflowTracker, check_reachable, resolve_uri
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class TrainResult:
     mlflow_run_id: str | None = None
     checkpoint: Path | None = None
     grid: Path | None = None
+    preempted: bool = False  # stopped by a signal, with a checkpoint at ``step``
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> tuple[torch.optim.Optimizer, Any]:
@@ -119,6 +121,7 @@ class Trainer:
         self.accelerator = make_accelerator(cfg)
         self.state = TrainState()
         self.tracker: MlflowTracker | None = None
+        self.preemption = PreemptionGuard(self.accelerator)
         self.fid: TrainingFID | None = None
         self.config_changes: dict[str, tuple[Any, Any]] = {}
         self.history: list[dict[str, float]] = []
@@ -253,6 +256,10 @@ class Trainer:
                 self.tracker.log_metrics(metrics, step)
 
     def run(self) -> TrainResult:
+        with self.preemption:  # SIGUSR1 / SIGTERM: checkpoint after the current step, then stop
+            return self._run()
+
+    def _run(self) -> TrainResult:
         cfg, accelerator = self.cfg, self.accelerator
         shards = self._check_inputs()
         if accelerator.is_main_process:
@@ -271,11 +278,11 @@ class Trainer:
                             self.state.step, cfg.train.steps)
             else:
                 result.checkpoint, result.grid = self._train(shards)
-            status = "FINISHED"
+            status = "KILLED" if self.preemption.stopped else "FINISHED"
         finally:
             if self.tracker:
                 self.tracker.finish(status)
-        result.step = self.state.step
+        result.step, result.preempted = self.state.step, self.preemption.stopped
         return result
 
     def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -315,11 +322,14 @@ class Trainer:
             window.add(metrics, len(labels) * accelerator.num_processes, batch["corrupt"])
             bar.update(1)
             step, last = self.state.step, self.state.step == cfg.train.steps
-            if step % cfg.train.log_every == 0 or last:
+            preempted = not last and self.preemption.should_stop()
+            if step % cfg.train.log_every == 0 or last or preempted:
                 self._log(window, bar)
                 window = MetricWindow()
-            if step % cfg.train.ckpt_every == 0 or last:
+            if step % cfg.train.ckpt_every == 0 or last or preempted:
                 checkpoint = self._checkpoint()
+            if preempted:
+                break
             if step % cfg.train.sample_every == 0 or last:
                 grid = self._grid() or grid
             if self.fid is not None:
