@@ -202,6 +202,27 @@ def test_weights_file_missing_or_wrong_is_a_clear_error(tmp_path: Path, tiny_net
     assert pool.shape == (2, 16) and logits.shape == (2, 10)
 
 
+@pytest.mark.slow
+def test_the_inception_path_loads_a_file_in_the_layout_of_the_fid_weights(tmp_path: Path) -> None:
+    """torch-fidelity's network through load_feature_net, from a file laid out like
+    pt_inception-2015-12-05-6726825d.pth (pytorch-fid saves torchvision's Inception3 with 1008
+    classes and no aux head), with random weights and the spec's checksum made to match."""
+    import torchvision
+
+    weights = tmp_path / "random-inception.pth"
+    layout = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008,
+                                             init_weights=False)
+    torch.save(layout.state_dict(), weights)
+    spec = dataclasses.replace(INCEPTION_V3_TF, sha256=hashlib.sha256(weights.read_bytes()).hexdigest())
+    net = load_feature_net(weights, spec)
+    pool, logits = net(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8))
+    assert pool.shape == (2, 2048) and logits.shape == (2, 1008)
+    # IS reads the logits without the bias, as the TF evaluators do.
+    torch.testing.assert_close(logits, pool @ net.fc.weight.T, rtol=1e-4, atol=1e-4)
+    with pytest.raises(FidError, match="sha256"):
+        load_feature_net(weights)  # the real spec's checksum: refused
+
+
 def shard_images(shards: Path) -> np.ndarray:
     """Every image of the shards, decoded as the reference statistics see them."""
     import io

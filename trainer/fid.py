@@ -40,7 +40,7 @@ from scipy import linalg
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .data import DataError, decode_sample, iter_records, resolve_shards
+from .data import DataError, check_manifest, decode_sample, iter_records, resolve_shards
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,11 @@ class FeatureSpec:
             raise FidError(f"feature network spec {str(path)!r} does not exist")
         fields = json.loads(path.read_text())
         fields["widths"] = tuple(fields.get("widths", ()))
-        return cls(**fields)
+        try:
+            return cls(**fields)
+        except TypeError as err:
+            raise FidError(f"feature network spec {path}: {err}; expected the keys of "
+                           f"{[f.name for f in dataclasses.fields(cls)]}") from err
 
     def to_file(self, path: str | Path) -> Path:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2))
@@ -508,6 +512,7 @@ def shard_stats(source: str | list[str], image_size: int, net: nn.Module, spec: 
     """Reference statistics of every image in the shards at ``source``, computed by all ranks
     (each reads its own shards) the first time and read from ``cache_dir`` afterwards."""
     shards = resolve_shards(source)
+    check_manifest(source, image_size)  # else every image would be skipped as the wrong size
     recipe = shard_recipe(shards, image_size, spec)
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     cached = Path(cache_dir).expanduser() / f"ref-{image_size}px-{digest}.npz"
