@@ -18,6 +18,7 @@ from ..trainer.config import ConfigError, load_config
 from ..trainer.data import DataError
 from ..trainer.preemption import PREEMPTED_EXIT_CODE
 from ..trainer.tracking import TrackingError
+from .bench import add_training_bench_parser
 from .bench_data import add_bench_parser
 from .fid import add_fid_parser
 from .imagenet import add_imagenet_parser
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_toy_parser(commands)
     add_sample_parser(commands)
     add_fid_parser(commands)
+    add_training_bench_parser(commands)
     add_slurm_parser(commands)
     return parser
 

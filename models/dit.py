@@ -9,10 +9,12 @@ pass is a pure function of its inputs and a resumed run draws the same dropout.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -46,7 +48,33 @@ def parse_arch(arch: str) -> tuple[DiTSize, int]:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """x * (1 + scale) + shift, with (B, 1, D) shift and scale, as one fused multiply-add."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+# 2 * sqrt(2 / pi): GELU's tanh approximation written with a sigmoid (see TanhGELU).
+_GELU_SIGMOID_SCALE = 2 * math.sqrt(2 / math.pi)
+
+
+def gelu_tanh_as_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """0.5 x (1 + tanh z) with z = sqrt(2/pi) (x + 0.044715 x^3), written as x * sigmoid(2z)."""
+    return x * torch.sigmoid(_GELU_SIGMOID_SCALE * (x + 0.044715 * x * x * x))
+
+
+class TanhGELU(nn.Module):
+    """GELU with the tanh approximation (DiT's MLP activation).
+
+    Under torch.compile it is written as x * sigmoid(2z), the same function as
+    0.5 x (1 + tanh z) with z = sqrt(2/pi) (x + 0.044715 x^3), since (1 + tanh z) / 2 = sigmoid(2z):
+    the compiled loop then needs one exp, where a tanh costs several times as much on CPU
+    (measured: the compiled forward and backward took half the time of the tanh form). Eager, it
+    is torch's own GELU kernel, the fastest there.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return gelu_tanh_as_sigmoid(x)
+        return F.gelu(x, approximate="tanh")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -97,15 +125,16 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, backend=attention)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, hidden_size * 4, act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.mlp = Mlp(hidden_size, hidden_size * 4, act_layer=TanhGELU)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # (B, 1, D) each, broadcast over the tokens; residual + gate * branch is one addcmul.
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
             c
-        ).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        ).unsqueeze(1).chunk(6, dim=2)
+        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+        return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class FinalLayer(nn.Module):
@@ -116,7 +145,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=2)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -195,6 +224,12 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def compile_blocks(self) -> None:
+        """torch.compile each block (model.compile): the blocks share one code object, so one
+        compilation serves them all, and the rest of the network stays eager."""
+        for block in self.blocks:
+            block.compile()
+
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, p*p*C) -> (B, C, H, W)."""
         p, c = self.patch_size, self.out_channels
@@ -212,7 +247,9 @@ class DiT(nn.Module):
                 z: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W) noisy input; t: (B,) timesteps; y: (B,) labels, null class allowed;
         z: (B, z_dim) latent noise, only for a DiT built with z_dim > 0 (DDGAN)."""
-        tokens = self.x_embedder(x) + self.pos_embed
+        # Contiguous (B, N, D): the patch embedding's transposed view would otherwise give the whole
+        # residual stream a (B, D, N) layout, and every LayerNorm a copy.
+        tokens = (self.x_embedder(x) + self.pos_embed).contiguous()
         c = self.conditioning(t, y, z)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
@@ -222,14 +259,21 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(tokens, c))
 
 
-def build_dit(arch: str, **kwargs: object) -> DiT:
+def resolve_size(arch: str, depth: int | None = None, hidden_size: int | None = None,
+                 num_heads: int | None = None) -> tuple[DiTSize, int]:
+    """The size of ``arch`` with any given dimension overriding it, and its patch size."""
+    size, patch_size = parse_arch(arch)
+    overrides = {"depth": depth, "hidden_size": hidden_size, "num_heads": num_heads}
+    return dataclasses.replace(size, **{k: v for k, v in overrides.items() if v is not None}), patch_size
+
+
+def build_dit(arch: str, depth: int | None = None, hidden_size: int | None = None,
+              num_heads: int | None = None, **kwargs: object) -> DiT:
     """A DiT of a named size, e.g. ``build_dit("DiT-XL/2", input_size=32, in_channels=4)``.
 
-    ``depth``, ``hidden_size`` and ``num_heads`` in kwargs override the named size, which is how
-    tests and the CPU demo build small networks through the same code.
+    ``depth``, ``hidden_size`` and ``num_heads`` override the named size, which is how tests and
+    the CPU demo build small networks through the same code.
     """
-    size, patch_size = parse_arch(arch)
-    dims = {"depth": size.depth, "hidden_size": size.hidden_size, "num_heads": size.num_heads}
-    dims.update({key: value for key, value in kwargs.items() if key in dims and value is not None})
-    rest = {key: value for key, value in kwargs.items() if key not in dims}
-    return DiT(patch_size=patch_size, **dims, **rest)
+    size, patch_size = resolve_size(arch, depth, hidden_size, num_heads)
+    return DiT(patch_size=patch_size, depth=size.depth, hidden_size=size.hidden_size,
+               num_heads=size.num_heads, **kwargs)

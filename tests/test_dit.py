@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from advdit.models.dit import ARCHS, build_dit, sincos_pos_embed_2d
+from advdit.models.dit import ARCHS, build_dit, gelu_tanh_as_sigmoid, sincos_pos_embed_2d
 
 # Parameter counts of DiT at 256x256 (32x32x4 latents, 1000 classes), from Peebles & Xie Table 1
 # (rounded to millions there); XL/2 also to the exact total the reference train.py prints.
@@ -105,3 +105,74 @@ def test_z_input_starts_as_a_no_op_and_then_matters() -> None:
     assert not torch.allclose(with_z(x, t, y, z), with_z(x, t, y, torch.randn(2, 7)))
     with pytest.raises(ValueError, match="z_dim=7"):
         with_z(x, t, y)
+
+
+def reference_forward(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
+                      y: torch.Tensor) -> torch.Tensor:
+    """The network as first written (plain ops, explicit softmax attention): the function every
+    faster implementation must keep."""
+    gelu = torch.nn.GELU(approximate="tanh")
+
+    def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+    tokens = model.x_embedder(x) + model.pos_embed
+    c = model.t_embedder(t) + model.y_embedder(y)
+    batch, count, width = tokens.shape
+    for block in model.blocks:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, 1)
+        heads = block.attn.num_heads
+        qkv = block.attn.qkv(modulate(block.norm1(tokens), shift_msa, scale_msa))
+        q, k, v = qkv.reshape(batch, count, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        weights = ((q @ k.transpose(-2, -1)) * (width // heads) ** -0.5).softmax(dim=-1)
+        attended = (weights @ v).transpose(1, 2).reshape(batch, count, width)
+        tokens = tokens + gate_msa.unsqueeze(1) * block.attn.proj(attended)
+        hidden = gelu(block.mlp.fc1(modulate(block.norm2(tokens), shift_mlp, scale_mlp)))
+        tokens = tokens + gate_mlp.unsqueeze(1) * block.mlp.fc2(hidden)
+    final = model.final_layer
+    shift, scale = final.adaLN_modulation(c).chunk(2, dim=1)
+    out = final.linear(modulate(final.norm_final(tokens), shift, scale))
+    p, channels, side = model.patch_size, model.out_channels, model.input_size // model.patch_size
+    out = out.reshape(batch, side, side, p, p, channels)
+    return torch.einsum("bhwpqc->bchpwq", out).reshape(batch, channels, side * p, side * p)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+def test_network_computes_the_reference_function(attention: str) -> None:
+    model = perturbed(small_dit(attention=attention))
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([3, 400, 999]), torch.tensor([0, 2, 5])
+    grads = []
+    for forward in (model, lambda *args: reference_forward(model, *args)):
+        model.zero_grad()
+        out = forward(x, t, y)
+        out.square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        if forward is model:
+            fast = out.detach()
+    assert torch.allclose(fast, reference_forward(model, x, t, y).detach(), rtol=1e-5, atol=1e-6)
+    for fast_grad, reference_grad in zip(*grads, strict=True):
+        assert torch.allclose(fast_grad, reference_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoint_keys_are_those_of_the_first_release() -> None:
+    """Old checkpoints load: the parameter names and shapes of a block are unchanged."""
+    block_keys = {
+        "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+        "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+        "adaLN_modulation.1.weight", "adaLN_modulation.1.bias",
+    }
+    state = small_dit().state_dict()
+    assert {key.removeprefix("blocks.0.") for key in state if key.startswith("blocks.0.")} == block_keys
+    assert state["blocks.0.attn.qkv.weight"].shape == (96, 32)
+    assert {key for key in state if not key.startswith("blocks.")} == {
+        "pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias", "t_embedder.mlp.0.weight",
+        "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
+        "y_embedder.weight", "final_layer.linear.weight", "final_layer.linear.bias",
+        "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias",
+    }
+
+
+def test_gelu_as_sigmoid_is_the_tanh_approximation() -> None:
+    x = torch.cat([torch.linspace(-30, 30, 10001), torch.randn(10000)])
+    assert torch.allclose(gelu_tanh_as_sigmoid(x), torch.nn.functional.gelu(x, approximate="tanh"),
+                          rtol=1e-5, atol=1e-6)

@@ -40,6 +40,8 @@ RESUMABLE_CHANGES = {
     # evaluation only reads the weights (and checkpoints made before the eval section lack these keys)
     "eval.fid_every", "eval.fid_samples", "eval.final_fid_samples", "eval.reference",
     "eval.inception_weights", "eval.feature_net", "eval.batch_size", "eval.cache_dir",
+    # how fast the step runs, not what it computes (checkpoints made before these keys lack them)
+    "model.compile", "train.tf32", "optim.fused",
 }
 
 

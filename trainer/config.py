@@ -43,6 +43,7 @@ class ModelConfig:
     learn_sigma: bool = True
     attention: str = "auto"
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile of each DiT block (compile time: advdit bench's first step)
 
 
 @dataclass
@@ -72,6 +73,7 @@ class OptimConfig:
     beta2: float = 0.999
     warmup_steps: int = 0
     grad_clip: float = 1.0
+    fused: bool | None = None  # AdamW's fused kernel; null: on (CUDA and CPU)
 
 
 @dataclass
@@ -87,6 +89,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # decay min(ema_decay, (1+n)/(10+n)); for short runs
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16
+    tf32: bool = True  # TF32 for fp32 matmuls and convolutions on CUDA
     log_every: int = 10
     ckpt_every: int = 10_000
     keep_last: int = 3

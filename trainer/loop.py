@@ -55,9 +55,20 @@ class TrainResult:
     preempted: bool = False  # stopped by a signal, with a checkpoint at ``step``
 
 
+def configure_tf32(enabled: bool) -> bool:
+    """TF32 for fp32 matmuls and convolutions on CUDA (train.tf32); returns the previous setting.
+
+    Through the flags accelerate and DiT's train.py set: torch refuses to mix them with the newer
+    fp32_precision API."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    return previous
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> tuple[torch.optim.Optimizer, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = torch.cuda.is_available()
+    # null: torch's fused kernel on CUDA (one launch for all parameters) and on CPU.
+    fused = cfg.optim.fused if cfg.optim.fused is not None else True
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=(cfg.optim.beta1, cfg.optim.beta2), fused=fused)
     warmup = cfg.optim.warmup_steps
@@ -137,14 +148,21 @@ class Trainer:
         self.fid = TrainingFID.from_config(self.cfg, self.accelerator)
         return shards
 
-    def build(self) -> None:
-        """Networks, optimizers and the objective (called by run; public for tools and tests)."""
+    def build(self, codec: torch.nn.Module | None = None, model: torch.nn.Module | None = None) -> None:
+        """Networks, optimizers and the objective (called by run; public for tools and tests).
+
+        ``codec`` and ``model`` replace the configured ones (the benchmark's synthetic latents and
+        its diffusers contender); everything else is built as for training."""
         cfg, accelerator = self.cfg, self.accelerator
+        configure_tf32(cfg.train.tf32)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        self.codec = load_codec(cfg.vae).to(accelerator.device)
+        self.codec = (load_codec(cfg.vae) if codec is None else codec).to(accelerator.device)
         latent_size = cfg.data.image_size // self.codec.downsample
-        model = build_denoiser(cfg, self.codec.channels, latent_size)
+        if model is None:
+            model = build_denoiser(cfg, self.codec.channels, latent_size)
         self.ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
+        if cfg.model.compile:  # after the EMA copy, which only samples
+            model.compile_blocks()
         self.ema.model.to(accelerator.device)
         optimizer, scheduler = build_optimizer(model, cfg)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -285,7 +303,7 @@ class Trainer:
         result.step, result.preempted = self.state.step, self.preemption.stopped
         return result
 
-    def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
+    def latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """The denoiser's input: encoded images, or a posterior sample from stored moments."""
         device = self.accelerator.device
         generator = step_generator(self.cfg.run.seed, self.accelerator.process_index, self.state.step,
@@ -294,6 +312,15 @@ class Trainer:
             return self.codec.sample_moments(batch["moments"].to(device, non_blocking=True), generator)
         images = normalize_images(batch["images"].to(device, non_blocking=True))
         return self.codec.encode(images, generator=generator)
+
+    def train_step(self, latents: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The objective's step (forward, backward, optimizer steps) and the EMA update: what the
+        loop runs per batch and ``advdit bench`` times."""
+        ctx = StepContext(self.accelerator, self.cfg.run.seed, self.state.step, self.cfg.optim.grad_clip)
+        metrics = self.objective.train_step(latents, labels, ctx)
+        with gathered(self.accelerator.unwrap_model(self.model)):
+            self.ema.update(self.accelerator.unwrap_model(self.model))
+        return metrics
 
     def _train(self, shards: list[str]) -> tuple[Path | None, Path | None]:
         cfg, accelerator = self.cfg, self.accelerator
@@ -312,11 +339,7 @@ class Trainer:
         while self.state.step < cfg.train.steps:
             batch = next(batches)
             labels = batch["labels"].to(accelerator.device, non_blocking=True)
-            latents = self._latents(batch)
-            ctx = StepContext(accelerator, cfg.run.seed, self.state.step, cfg.optim.grad_clip)
-            metrics = self.objective.train_step(latents, labels, ctx)
-            with gathered(accelerator.unwrap_model(self.model)):
-                self.ema.update(accelerator.unwrap_model(self.model))
+            metrics = self.train_step(self.latents(batch), labels)
             self.state.step += 1
             self.state.images_seen += len(labels) * accelerator.num_processes
             window.add(metrics, len(labels) * accelerator.num_processes, batch["corrupt"])
