@@ -114,12 +114,11 @@ def _launch_command(spec: JobSpec, cfg: Config, config: str | None, overrides: l
         precision = "bf16" if spec.gpus_per_node else "no"
     launcher = ["accelerate", "launch", "--num_machines", str(spec.nodes), "--num_processes", str(total),
                 "--mixed_precision", precision, "--dynamo_backend", "no"]
-    if cfg.distributed.strategy != "ddp":
-        # The trainer configures ZeRO itself; the flag selects DeepSpeed's launch path, which with
-        # "standard" is torchrun on every node (its default, pdsh, fails under srun).
-        launcher += ["--use_deepspeed", "--deepspeed_multinode_launcher", "standard"]
-    elif total > 1:
-        launcher.append("--multi_gpu")  # torchrun as well; on CPU nodes the ranks talk over gloo
+    if total > 1:
+        # torch's standard launcher (torchrun) on every node, for every strategy: the trainer sets
+        # up DeepSpeed itself (trainer/engines.py), so accelerate's DeepSpeed launch path, whose
+        # multi-node default (pdsh) fails under srun, is not needed. On CPU nodes ranks use gloo.
+        launcher.append("--multi_gpu")
     rendezvous = ('--machine_rank "$SLURM_NODEID" --main_process_ip "$MASTER_ADDR" '
                   '--main_process_port "$MASTER_PORT"')
     train = ["-m", "advdit.launchers.cli", "train", *(["--config", config] if config else []), *overrides]
@@ -143,7 +142,7 @@ def render_script(spec: JobSpec, cfg: Config, config: str | None, overrides: lis
         "directives": _directives(spec, cfg),
         "procs_per_node": str(spec.processes_per_node()),
         "setup": _setup(spec),
-        "environment": "\n".join(exports),
+        "environment": "\n".join(exports) or "# (none)",
         "checkpoints": shlex.quote(str(checkpoint_dir(cfg.run.output_dir))),
         "final_checkpoint": final_checkpoint_name(cfg),
         "launch": _launch_command(spec, cfg, config, overrides),

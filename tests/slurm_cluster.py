@@ -30,6 +30,7 @@ PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
 NODES = ("node1", "node2")
 START_TIMEOUT = 60.0
+CRED_EXPIRE = 10  # seconds
 
 
 def install_slurm() -> str | None:
@@ -77,7 +78,9 @@ SlurmctldPort={ports[0]}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={munge_socket}
+# cred_expire also sets how long Slurm holds a requeued job (Reason=BeginTime; 120 s by default)
+# before it may start again on the nodes whose credentials for it were revoked.
+AuthInfo=socket={munge_socket},cred_expire={CRED_EXPIRE}
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc

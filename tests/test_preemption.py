@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from accelerate import Accelerator
 
-from advdit.trainer.checkpoint import complete_checkpoints
+from advdit.trainer.checkpoint import complete_checkpoints, read_meta
 from advdit.trainer.loop import train
 from advdit.trainer.preemption import PREEMPTED_EXIT_CODE, PreemptionGuard
 
@@ -41,8 +41,9 @@ def metric_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def interrupt(out: Path, shards: Path, signum: signal.Signals) -> tuple[int, str]:
-    """Start ``advdit train``, send ``signum`` after its second step; (exit status, stdout)."""
+def assert_signal_checkpoints_the_current_step(out: Path, shards: Path, signum: signal.Signals) -> None:
+    """Start ``advdit train``, send ``signum`` after its second step: it checkpoints the step it is
+    at and exits with the preemption status."""
     process = subprocess.Popen([ADVDIT, "train", *tiny_overrides(out, shards), *SETTINGS],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 300
@@ -52,23 +53,20 @@ def interrupt(out: Path, shards: Path, signum: signal.Signals) -> tuple[int, str
         time.sleep(0.02)
     process.send_signal(signum)
     stdout, _ = process.communicate(timeout=300)
-    return process.returncode, stdout
-
-
-def assert_checkpointed_at_the_last_step(out: Path, status: int, stdout: str) -> int:
+    assert process.returncode == PREEMPTED_EXIT_CODE
     stopped_at = metric_rows(out)[-1]["step"]
-    assert status == PREEMPTED_EXIT_CODE
     assert 2 <= stopped_at < STEPS
-    assert [path.name for path in complete_checkpoints(out / "checkpoints")] == [f"step_{stopped_at:08d}"]
+    checkpoints = complete_checkpoints(out / "checkpoints")
+    assert [path.name for path in checkpoints] == [f"step_{stopped_at:08d}"]
+    assert read_meta(checkpoints[0])["stopped_by"] == signum.name
     assert f"preempted at step {stopped_at}: checkpoint" in stdout
-    return stopped_at
 
 
 @pytest.mark.slow
 def test_sigusr1_checkpoints_exits_and_resumes_to_the_same_losses(tmp_path: Path, tiny_shards: Path) -> None:
     whole = train(tiny_config(tmp_path / "whole", tiny_shards, *SETTINGS), progress=False)
     out = tmp_path / "preempted"
-    assert_checkpointed_at_the_last_step(out, *interrupt(out, tiny_shards, signal.SIGUSR1))
+    assert_signal_checkpoints_the_current_step(out, tiny_shards, signal.SIGUSR1)
     done = subprocess.run([ADVDIT, "train", *tiny_overrides(out, tiny_shards), *SETTINGS],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -80,4 +78,4 @@ def test_sigusr1_checkpoints_exits_and_resumes_to_the_same_losses(tmp_path: Path
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_too(tmp_path: Path, tiny_shards: Path) -> None:
-    assert_checkpointed_at_the_last_step(tmp_path, *interrupt(tmp_path, tiny_shards, signal.SIGTERM))
+    assert_signal_checkpoints_the_current_step(tmp_path, tiny_shards, signal.SIGTERM)

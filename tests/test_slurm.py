@@ -50,7 +50,7 @@ def test_dry_run_renders_a_requeueable_four_node_job(capsys: pytest.CaptureFixtu
     words = shlex.split(launch.replace("\\\n", " "))
     assert words[words.index("--num_machines") + 1] == "4"
     assert words[words.index("--num_processes") + 1] == "32"
-    assert words[words.index("--deepspeed_multinode_launcher") + 1] == "standard"
+    assert "--multi_gpu" in words and "--use_deepspeed" not in words  # torchrun, not pdsh
     assert words[words.index("--machine_rank") + 1] == "$SLURM_NODEID"
     assert words[-3:] == ["configs/imagenet256_dit_xl2_sadm.yaml", "distributed.strategy=zero2",
                           "run.output_dir=runs/x"]
@@ -61,10 +61,12 @@ def test_dry_run_renders_a_requeueable_four_node_job(capsys: pytest.CaptureFixtu
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
 
 
-def test_ddp_uses_torchrun_through_multi_gpu(capsys: pytest.CaptureFixture) -> None:
+def test_cpu_nodes_get_no_gpus_and_one_process_alone_no_multi_gpu(capsys: pytest.CaptureFixture) -> None:
     script = rendered(capsys, ["--nodes", "2", "--gpus-per-node", "0", "--procs-per-node", "2"])
-    assert "--multi_gpu" in script and "--use_deepspeed" not in script
     assert "--num_processes 4" in script and "--gpus-per-node" not in script
+    assert "--mixed_precision no" in script and "--cpus-per-task=6" in script  # 2 x (2 workers + 1)
+    script = rendered(capsys, ["--nodes", "1", "--gpus-per-node", "1"])
+    assert "--num_processes 1" in script and "--multi_gpu" not in script
 
 
 # ---------------------------------------------------------------------- jobs on the cluster
@@ -88,7 +90,8 @@ def wait_for(cluster: SlurmCluster, job_id: str, done, what: str) -> dict[str, s
         if done(state):
             return state
         assert time.monotonic() < deadline, f"job {job_id}: no {what} within {JOB_TIMEOUT:.0f} s: {state}"
-        assert state["JobState"] not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), state
+        assert state["JobState"] not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), (
+            f"job {job_id} {state['JobState']} ({state['Reason']}); log in {state.get('StdOut')}")
         time.sleep(0.5)
 
 
@@ -145,13 +148,14 @@ def test_preempted_job_requeues_and_resumes_exactly(slurm_cluster: SlurmCluster,
     job_id = submit(slurm_cluster, tmp_path, tiny_shards)
     wait_for(slurm_cluster, job_id, lambda state: len(metric_rows(tmp_path)) >= 3, "third step")
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", job_id)
-    requeued = wait_for(slurm_cluster, job_id,
-                        lambda state: state["JobState"] == "PENDING" and state["Restarts"] == "1", "requeue")
+    # Requeued, and held (Reason=BeginTime) until the revoked credentials of its first run expire:
+    # about 20 s on this cluster (cred_expire=10), 2 minutes with Slurm's default.
+    wait_for(slurm_cluster, job_id, lambda state: (state["JobState"], state["Reason"], state["Restarts"])
+             == ("PENDING", "BeginTime", "1"), "requeue")
     stopped_at = metric_rows(tmp_path)[-1]["step"]
     assert stopped_at < STEPS, "the run ended before the signal reached it"
-    assert (tmp_path / "checkpoints" / f"step_{stopped_at:08d}" / "meta.json").is_file()
-    assert requeued["Reason"] == "BeginTime"  # Slurm holds a requeued job for a while ...
-    slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")  # ... unless released
+    meta = json.loads((tmp_path / "checkpoints" / f"step_{stopped_at:08d}" / "meta.json").read_text())
+    assert meta["stopped_by"] == "SIGUSR1"  # what the script's requeue decision reads
     wait_for(slurm_cluster, job_id, finished, "completion after the requeue")
 
     log = (tmp_path / "slurm" / f"{job_id}.out").read_text()

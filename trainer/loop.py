@@ -247,7 +247,7 @@ class Trainer:
     def _checkpoint(self) -> Path:
         meta = {"config": flatten(self.cfg), "config_hash": config_hash(self.cfg),
                 "mlflow_run_id": self.state.mlflow_run_id, "images_seen": self.state.images_seen,
-                "world_size": self.accelerator.num_processes}
+                "world_size": self.accelerator.num_processes, "stopped_by": self.preemption.stopped_by}
         path = save_checkpoint(self.accelerator, self.output_dir, self.state.step, meta, self._parts(),
                                self.cfg.train.keep_last)
         logger.info("checkpoint %s", path)
