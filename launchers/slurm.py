@@ -228,10 +228,11 @@ def status_lines(run_dir: Path, job_id: str | None = None) -> list[str]:
         lines = [f"job {record['job_id']}: not known to Slurm now (it ended longer ago than the "
                  "cluster's MinJobAge, or Slurm is not reachable from here)"]
     else:
-        reason = state.get("Reason", "None")
+        reason, nodes = state.get("Reason", "None"), state.get("NodeList", "")
         lines = [f"job {record['job_id']}: {state.get('JobState')}"
-                 f"{'' if reason == 'None' else f' ({reason})'} on {state.get('NodeList')}, "
-                 f"run time {state.get('RunTime')}, restarts {state.get('Restarts', '0')}"]
+                 + ("" if reason == "None" else f" ({reason})")
+                 + ("" if nodes in ("", "(null)") else f" on {nodes}, run time {state.get('RunTime')}")
+                 + f", restarts {state.get('Restarts', '0')}"]
     checkpoints = checkpoint_dir(run_dir)
     latest = checkpoints / "latest"
     newest = latest.read_text().strip() if latest.is_file() else "none yet"

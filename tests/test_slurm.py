@@ -25,6 +25,7 @@ from advdit.launchers.cli import main
 from helpers import tiny_overrides
 
 ADVDIT = str(Path(sys.executable).with_name("advdit"))
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "slurm.md"
 STEPS = 40
 JOB_TIMEOUT = 900.0  # seconds; a job start costs about a minute of imports on 2 shared cores
 
@@ -67,6 +68,20 @@ def test_cpu_nodes_get_no_gpus_and_one_process_alone_no_multi_gpu(capsys: pytest
     assert "--mixed_precision no" in script and "--cpus-per-task=6" in script  # 2 x (2 workers + 1)
     script = rendered(capsys, ["--nodes", "1", "--gpus-per-node", "1"])
     assert "--num_processes 1" in script and "--multi_gpu" not in script
+
+
+def documented_command() -> tuple[list[str], str]:
+    """The dry-run command in docs/slurm.md and the script shown after it."""
+    text = DOCS.read_text()
+    match = re.search(r"```bash\n(advdit slurm submit --dry-run.*?)\n```.*?```bash\n(.*?)```", text,
+                      re.DOTALL)
+    assert match, "docs/slurm.md shows an advdit slurm submit --dry-run command and its script"
+    return shlex.split(match.group(1).replace("\\\n", " "))[3:], match.group(2)
+
+
+def test_docs_show_the_script_that_is_rendered(capsys: pytest.CaptureFixture) -> None:
+    args, shown = documented_command()
+    assert rendered(capsys, args) == shown
 
 
 # ---------------------------------------------------------------------- jobs on the cluster
