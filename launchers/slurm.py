@@ -148,6 +148,9 @@ def render_script(spec: JobSpec, cfg: Config, config: str | None, overrides: lis
         "launch": _launch_command(spec, cfg, config, overrides),
         "srun_options": "".join(f" {shlex.quote(option)}" for option in spec.srun_options),
     }
+    if not TEMPLATE.is_file():
+        raise SlurmError(f"the job template {TEMPLATE} is missing: advdit slurm renders slurm/ of the "
+                         "repository, so install advdit from its checkout (pip install -e .)")
     return PLACEHOLDER.sub(lambda match: values[match.group(1)], TEMPLATE.read_text())
 
 

@@ -84,6 +84,14 @@ def test_docs_show_the_script_that_is_rendered(capsys: pytest.CaptureFixture) ->
     assert rendered(capsys, args) == shown
 
 
+def test_status_of_a_folder_without_jobs_is_a_one_line_error(capsys: pytest.CaptureFixture,
+                                                             tmp_path: Path) -> None:
+    assert main(["slurm", "status", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("advdit: error: no Slurm jobs were submitted for run folder")
+    assert error.count("\n") == 1
+
+
 # ---------------------------------------------------------------------- jobs on the cluster
 def submit_command(out: Path, shards: Path, *extra: str) -> list[str]:
     return [ADVDIT, "slurm", "submit", "--nodes", "2", "--gpus-per-node", "0", "--time", "20",
@@ -152,6 +160,8 @@ def test_two_node_zero2_job_trains_to_the_end(slurm_cluster: SlurmCluster,
     status = advdit_slurm(slurm_cluster, "status", str(out))
     assert f"job {job_id}: COMPLETED on node[1-2]" in status
     assert f"newest: step_{STEPS:08d}" in status and f"step:        {STEPS} of {STEPS}" in status
+    last_line = advdit_slurm(slurm_cluster, "logs", str(out), "-n", "1")
+    assert last_line == f"advdit: finished (step_{STEPS:08d})\n"
 
 
 @pytest.mark.slow
