@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..trainer.config import load_config
+from ..trainer.config import load_config, to_dict
 
 
 def add_training_bench_parser(commands: argparse._SubParsersAction) -> None:
@@ -22,8 +22,9 @@ def add_training_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--config", help="YAML preset (default: built-in defaults)")
     bench.add_argument("--vs", action="append", default=[], metavar="diffusers|KEY=VALUE",
                        help="baseline run alternately in the same process: 'diffusers' (its "
-                            "DiTTransformer2DModel of the same size), or the same config with "
-                            "KEY=VALUE changed (repeatable, e.g. --vs objective=dit)")
+                            "DiTTransformer2DModel of the same size, eager, with torch's default "
+                            "AdamW), or the same config with KEY=VALUE changed (repeatable, e.g. "
+                            "--vs objective=dit; after diffusers: changes to its config)")
     bench.add_argument("--steps", type=int, default=10, help="timed steps per contender")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     bench.add_argument("--data", choices=("latents", "images"), default="latents",
@@ -41,14 +42,18 @@ def add_training_bench_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..trainer.benchmark import BenchOptions, Side, format_table, run_benchmark
+    from ..trainer.benchmark import DIFFUSERS_STOCK, BenchOptions, Side, format_table, run_benchmark
 
     overrides = ["tracking.enabled=false", *args.overrides]
     sides = [Side("advdit", load_config(args.config, overrides))]
-    if args.vs == ["diffusers"]:
-        sides.append(Side("diffusers", sides[0].cfg, network="diffusers"))
-    elif args.vs:
-        sides.append(Side(" ".join(args.vs), load_config(args.config, [*overrides, *args.vs])))
+    baseline, network = list(args.vs), "advdit"
+    if baseline[:1] == ["diffusers"]:
+        baseline, network = [*DIFFUSERS_STOCK, *baseline[1:]], "diffusers"
+    if args.vs:
+        # On top of the subject's resolved config, so e.g. a SADM recipe's sadm section may stay
+        # (unread) when the baseline is objective=dit.
+        subject = to_dict(sides[0].cfg)
+        sides.append(Side(" ".join(args.vs), load_config(None, baseline, base=subject), network))
     options = BenchOptions(steps=args.steps, warmup=args.warmup, data=args.data,
                            peak_tflops=args.peak_tflops, threads=args.threads,
                            peak_matmul_size=args.peak_matmul_size)

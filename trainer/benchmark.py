@@ -49,6 +49,12 @@ MATMUL_SIZE = {"cuda": 8192, "cpu": 4096}  # n of the n x n x n matmul that meas
 TRAINING_FLOPS_PER_FORWARD = 3  # backward costs two forwards (grads of inputs and of weights)
 
 
+# diffusers' model as its users train it: eager, torch's default AdamW (a loop over parameters
+# on CPU, foreach on CUDA), as DiT's train.py and diffusers' examples build it. Further --vs
+# KEY=VALUE overrides apply on top (e.g. optim.fused=true for the same optimizer kernel as ours).
+DIFFUSERS_STOCK = ("model.compile=false", "optim.fused=false")
+
+
 @dataclass
 class BenchOptions:
     steps: int = 10  # timed steps per contender
@@ -134,17 +140,25 @@ def compute_precision(cfg: Config, device: torch.device) -> str:
     return "tf32" if device.type == "cuda" and cfg.train.tf32 else "fp32"
 
 
-def measure_matmul_peak(device: torch.device, precision: str, size: int, repeats: int = 5) -> float:
-    """FLOP/s of the best of ``repeats`` n x n x n matmuls in ``precision`` on ``device``."""
-    dtype = MATMUL_DTYPES[precision]
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    previous = configure_tf32(precision == "tf32")
-    try:
-        best = min(_timed(lambda: torch.mm(a, b), device) for _ in range(repeats + 1))
-    finally:
-        configure_tf32(previous)
-    return 2 * size**3 / best
+class MatmulProbe:
+    """An n x n x n matmul in the step's precision, timed once per round between the steps, so on
+    a shared machine the peak is measured under the same load as the steps it is compared to."""
+
+    def __init__(self, device: torch.device, precision: str, size: int) -> None:
+        self.device, self.precision, self.size = device, precision, size
+        self.a = torch.randn(size, size, device=device).to(MATMUL_DTYPES[precision])
+        self.b = torch.randn(size, size, device=device).to(MATMUL_DTYPES[precision])
+        self.rates: list[float] = []  # FLOP/s per round
+        self.measure()  # warm-up (kernel selection, first-touch of the output), not kept
+        self.rates.clear()
+
+    def measure(self) -> None:
+        previous = configure_tf32(self.precision == "tf32")
+        try:
+            seconds = _timed(lambda: torch.mm(self.a, self.b), self.device)
+        finally:
+            configure_tf32(previous)
+        self.rates.append(2 * self.size**3 / seconds)
 
 
 def known_peak_tflops(device: torch.device, precision: str) -> tuple[str, float] | None:
@@ -256,28 +270,37 @@ def check_sides(sides: list[Side]) -> None:
                           f"{sorted(precisions)}; accelerate holds one precision per process")
 
 
-def alternate(contenders: list[Contender], steps: int, warmup: int) -> None:
-    """Warm-up, then ``steps`` rounds of one step each, the order reversed every other round."""
+def alternate(contenders: list[Contender], steps: int, warmup: int, probe: MatmulProbe | None) -> None:
+    """Warm-up, then ``steps`` rounds of one step each, the order reversed every other round, and
+    the peak probe's matmul at the start of each round."""
     for _ in range(warmup):
         for contender in contenders:
             contender.warmup_times.append(contender.step())
     for round_index in range(steps):
+        if probe is not None:
+            probe.measure()
         order = contenders if round_index % 2 == 0 else contenders[::-1]
         for contender in order:
             contender.step_times.append(contender.step())
 
 
-def choose_peak(device: torch.device, precision: str, options: BenchOptions) -> dict[str, Any]:
-    """The peak MFU is taken against: the flag, else the data-sheet peak, else a matmul measured
-    now (also measured next to a known peak, as a check of the machine)."""
+def peak_probe(device: torch.device, precision: str, options: BenchOptions) -> MatmulProbe | None:
     if options.peak_tflops:
+        return None
+    return MatmulProbe(device, precision, options.peak_matmul_size or MATMUL_SIZE[device.type])
+
+
+def choose_peak(precision: str, known: tuple[str, float] | None, options: BenchOptions,
+                probe: MatmulProbe | None) -> dict[str, Any]:
+    """The peak MFU is taken against: the flag, else the data-sheet peak, else the median of the
+    matmuls measured between the steps (also measured next to a known peak, as a check)."""
+    if probe is None:
         return {"tflops": options.peak_tflops, "source": "--peak-tflops", "precision": precision}
-    size = options.peak_matmul_size or MATMUL_SIZE[device.type]
-    measured = measure_matmul_peak(device, precision, size) / 1e12
-    known = known_peak_tflops(device, precision)
-    source = known[0] if known else f"measured: best of 5 {precision} matmuls, n={size}"
-    return {"tflops": known[1] if known else measured, "source": source, "precision": precision,
-            "measured_matmul_tflops": measured}
+    measured = statistics.median(probe.rates) / 1e12
+    rounds = f"median of {len(probe.rates)} {precision} matmuls, n={probe.size}, one per round"
+    return {"tflops": known[1] if known else measured, "source": known[0] if known else f"measured: {rounds}",
+            "precision": precision, "measured_matmul_tflops": measured,
+            "matmul_tflops_per_round": [rate / 1e12 for rate in probe.rates]}
 
 
 def contender_report(contender: Contender, peak: dict[str, Any]) -> dict[str, Any]:
@@ -340,8 +363,10 @@ def run_benchmark(sides: list[Side], options: BenchOptions) -> dict[str, Any]:
         torch.set_num_threads(options.threads)
     contenders = [build_contender(side, options.data) for side in sides]
     subject = contenders[0]
-    peak = choose_peak(subject.device, compute_precision(subject.side.cfg, subject.device), options)
-    alternate(contenders, options.steps, options.warmup)
+    precision = compute_precision(subject.side.cfg, subject.device)
+    probe = peak_probe(subject.device, precision, options)
+    alternate(contenders, options.steps, options.warmup, probe)
+    peak = choose_peak(precision, known_peak_tflops(subject.device, precision), options, probe)
     report: dict[str, Any] = {
         "config": describe(subject.side.cfg, subject, options),
         "machine": machine(subject.device),
