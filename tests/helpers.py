@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import random
+import socket
+import subprocess
 import tarfile
+import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -57,3 +61,34 @@ def corrupt_copy(source: Path, target: Path, bad_key: str) -> None:
                 data = b"not a png at all"
                 member.size = len(data)
             dst.addfile(member, io.BytesIO(data))
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free TCP ports on 127.0.0.1 (all held open while choosing)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def wait_healthy(uri: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Wait until an MLflow server answers ``/health``; fail if it exits or stays silent."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"mlflow server at {uri} did not answer /health within {timeout:.0f} s")

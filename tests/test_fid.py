@@ -17,7 +17,6 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from scipy import linalg
-from test_tracking import mlflow_server, tracking_uri  # noqa: F401 - the real server fixture
 
 from advdit.launchers.cli import main
 from advdit.trainer.data import iter_records, resolve_shards
@@ -306,7 +305,7 @@ def test_two_processes_give_the_statistics_of_one(tmp_path: Path, tiny_net: tupl
 
 
 @pytest.mark.slow
-def test_training_logs_fid_to_a_real_mlflow_server(tracking_uri: str, tmp_path: Path,  # noqa: F811
+def test_training_logs_fid_to_a_real_mlflow_server(tracking_uri: str, tmp_path: Path,
                                                    tiny_shards: Path, tiny_net: tuple[Path, Path]) -> None:
     weights, spec = tiny_net
     out = tmp_path / "run"

@@ -7,7 +7,6 @@ seconds of start-up) covers both collectives.
 from __future__ import annotations
 
 import math
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import torch.multiprocessing as mp
 
 from advdit.trainer.diffusion_gan import AdaptiveDiffusion
 from advdit.trainer.sadm import affinity, gather_rows_with_local_grad, structural_distance, timestep_weight
+
+from helpers import free_port
 
 WORLD_SIZE = 2
 LOCAL_BATCH = 4
@@ -181,16 +182,10 @@ def _worker(rank: int, port: int, out_dir: Path) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(free_port(), out_dir), nprocs=WORLD_SIZE, join=True)
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
 
 
