@@ -36,6 +36,9 @@ def add_training_bench_parser(commands: argparse._SubParsersAction) -> None:
                        "measures the peak (default 4096 on CPU, 8192 on GPU)")
     bench.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     bench.add_argument("--json", type=Path, help="also write the report as JSON to this file")
+    bench.add_argument("--profile", type=Path, metavar="FILE", help="then profile 2 more steps of "
+                       "the subject with torch.profiler: the shares of matmuls, attention, compiled "
+                       "kernels and the optimizer in the table, the profiler's op table to FILE")
     bench.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted config overrides, e.g. model.arch=DiT-S/2 data.batch_size=8")
     bench.set_defaults(func=_run)
@@ -56,8 +59,10 @@ def _run(args: argparse.Namespace) -> int:
         sides.append(Side(" ".join(args.vs), load_config(None, baseline, base=subject), network))
     options = BenchOptions(steps=args.steps, warmup=args.warmup, data=args.data,
                            peak_tflops=args.peak_tflops, threads=args.threads,
-                           peak_matmul_size=args.peak_matmul_size)
+                           peak_matmul_size=args.peak_matmul_size, profile_steps=2 if args.profile else 0)
     report = run_benchmark(sides, options)
+    if args.profile:
+        args.profile.write_text(report["profile"].pop("table"))
     print(format_table(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

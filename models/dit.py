@@ -224,9 +224,14 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def compile_blocks(self) -> None:
-        """torch.compile each block (model.compile): the blocks share one code object, so one
-        compilation serves them all, and the rest of the network stays eager."""
+    def compile_for_training(self, scope: str) -> None:
+        """torch.compile (model.compile): ``blocks`` compiles each block (one compilation serves
+        all, since they share their code; gradients of each block are ready as it finishes, for
+        DDP's overlap), ``model`` the whole forward pass (also fuses across block boundaries:
+        0.95x the step time of ``blocks`` on the 2-core CPU, after a longer first compile)."""
+        if scope == "model":
+            self.compile()
+            return
         for block in self.blocks:
             block.compile()
 

@@ -64,8 +64,12 @@ def test_bench_vs_diffusers_reports_consistent_figures(tmp_path: Path, capsys: p
 
 
 def test_bench_adversarial_objective_against_plain_dit(tmp_path: Path) -> None:
-    code, report = run_bench(tmp_path, "objective=sadm", "--vs", "objective=dit", "--peak-tflops", "2.5")
+    code, report = run_bench(tmp_path, "objective=sadm", "--vs", "objective=dit", "--peak-tflops", "2.5",
+                             "--profile", str(tmp_path / "profile.txt"))
     assert code == 0
+    shares = report["profile"]["share"]
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["matmul and conv"] > 0
+    assert "aten::mm" in (tmp_path / "profile.txt").read_text()
     subject, baseline = report["contenders"]
     assert report["config"]["objective"] == "sadm" and baseline["name"] == "objective=dit"
     # The same denoiser on both sides: model FLOPs do not count the adversary.

@@ -176,3 +176,20 @@ def test_gelu_as_sigmoid_is_the_tanh_approximation() -> None:
     x = torch.cat([torch.linspace(-30, 30, 10001), torch.randn(10000)])
     assert torch.allclose(gelu_tanh_as_sigmoid(x), torch.nn.functional.gelu(x, approximate="tanh"),
                           rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # a torch.compile of the network (tens of seconds on 2 cores)
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_compiled_network_computes_the_same_outputs_and_gradients(scope: str) -> None:
+    eager = perturbed(small_dit())
+    compiled = small_dit()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_for_training(scope)  # GELU takes its sigmoid form inside the compiled graph
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([0, 2])
+    outputs = [model(x, t, y) for model in (eager, compiled)]
+    for out in outputs:
+        out.square().mean().backward()
+    assert torch.allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)

@@ -36,11 +36,12 @@ from .engines import mixed_precision
 from .loop import Trainer, configure_tf32, peak_memory_gb
 from .objectives import build_denoiser
 
-# Dense (no sparsity) peaks from NVIDIA's data sheets, in TFLOP/s, by the name torch reports.
+# Dense (no sparsity) peaks from NVIDIA's data sheets, in TFLOP/s, by a part of the name torch
+# reports ("NVIDIA H100 80GB HBM3" is the SXM part). Other devices use the measured matmul.
+_H100_SXM = {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}
 KNOWN_PEAK_TFLOPS = {
+    "H100 80GB HBM3": _H100_SXM, "H100 SXM": _H100_SXM, "H200": _H100_SXM,
     "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2},
-    "H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM
-    "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
     "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
 }
 MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32,
@@ -52,7 +53,7 @@ TRAINING_FLOPS_PER_FORWARD = 3  # backward costs two forwards (grads of inputs a
 # diffusers' model as its users train it: eager, torch's default AdamW (a loop over parameters
 # on CPU, foreach on CUDA), as DiT's train.py and diffusers' examples build it. Further --vs
 # KEY=VALUE overrides apply on top (e.g. optim.fused=true for the same optimizer kernel as ours).
-DIFFUSERS_STOCK = ("model.compile=false", "optim.fused=false")
+DIFFUSERS_STOCK = ("model.compile=none", "optim.fused=false")
 
 
 @dataclass
@@ -63,6 +64,7 @@ class BenchOptions:
     peak_tflops: float | None = None  # overrides the known or measured peak
     threads: int | None = None  # torch intra-op threads (default: torch's own)
     peak_matmul_size: int | None = None  # n of the measuring matmul (default MATMUL_SIZE)
+    profile_steps: int = 0  # then profile this many more steps of the subject (torch.profiler)
 
 
 @dataclass
@@ -106,7 +108,11 @@ class DiffusersDiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.net(x, timestep=t, class_labels=y).sample
 
-    def compile_blocks(self) -> None:
+    def compile_for_training(self, scope: str) -> None:
+        """As DiT.compile_for_training: the transformer blocks, or the whole forward pass."""
+        if scope == "model":
+            self.compile()
+            return
         for block in self.net.transformer_blocks:
             block.compile()
 
@@ -165,7 +171,7 @@ def known_peak_tflops(device: torch.device, precision: str) -> tuple[str, float]
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, peaks in KNOWN_PEAK_TFLOPS.items():  # "H100 PCIe" is listed before "H100"
+    for key, peaks in KNOWN_PEAK_TFLOPS.items():
         if key in name:
             return f"{key} data sheet", peaks[precision]
     return None
@@ -379,7 +385,47 @@ def run_benchmark(sides: list[Side], options: BenchOptions) -> dict[str, Any]:
                 a / b for a, b in zip(subject.step_times, other.step_times, strict=True))
             for other in contenders[1:]
         }
+    if options.profile_steps:
+        report["profile"] = profile_steps(subject, options.profile_steps)
     return report
+
+
+# Where a step's time goes, by the names of the profiled ops (self time, so nothing is counted
+# twice); everything else is "other".
+PROFILE_KINDS = {
+    "matmul and conv": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
+               "aten::convolution_backward"),
+    "attention": ("scaled_dot_product", "attention"),
+    "compiled kernels": ("CompiledFxGraph",),
+    "optimizer": ("adam", "Optimizer."),
+}
+
+
+def profile_kind(name: str) -> str:
+    for kind, parts in PROFILE_KINDS.items():
+        if any(part.lower() in name.lower() for part in parts):
+            return kind
+    return "other"
+
+
+def profile_steps(contender: Contender, steps: int) -> dict[str, Any]:
+    """torch.profiler over ``steps`` more steps: each kind's share of the self time, and the table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = contender.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            contender.step()
+    events = profiler.key_averages()
+    times: dict[str, float] = dict.fromkeys([*PROFILE_KINDS, "other"], 0.0)
+    for event in events:
+        self_time = event.self_device_time_total if on_cuda else event.self_cpu_time_total
+        times[profile_kind(event.key)] += self_time
+    total = sum(times.values()) or 1.0
+    sort_by = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
+    return {"steps": steps, "share": {kind: value / total for kind, value in times.items()},
+            "table": events.table(sort_by=sort_by, row_limit=30, max_name_column_width=60)}
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -402,4 +448,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"{row['peak_memory_gb']:>8.2f}")
     for name, ratio in report.get("ratios", {}).items():
         lines.append(f"step time {name}: {ratio:.3f} (median of per-round ratios)")
+    if "profile" in report:
+        shares = ", ".join(f"{kind} {share:.1%}" for kind, share in report["profile"]["share"].items())
+        profiled = f"{report['profile']['steps']} more steps of {report['contenders'][0]['name']}"
+        lines.append(f"profile of {profiled}: {shares}")
     return "\n".join(lines)

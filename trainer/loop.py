@@ -161,8 +161,8 @@ class Trainer:
         if model is None:
             model = build_denoiser(cfg, self.codec.channels, latent_size)
         self.ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
-        if cfg.model.compile:  # after the EMA copy, which only samples
-            model.compile_blocks()
+        if cfg.model.compile != "none":  # after the EMA copy, which only samples
+            model.compile_for_training(cfg.model.compile)
         self.ema.model.to(accelerator.device)
         optimizer, scheduler = build_optimizer(model, cfg)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
