@@ -19,7 +19,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from helpers import free_port, wait_healthy, write_shape_shards  # noqa: E402
+from helpers import free_port, stop_process, wait_healthy, write_shape_shards  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -64,11 +64,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         wait_healthy(uri, process)
         yield uri
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process, timeout=30)
         log.close()
 
 

@@ -92,3 +92,13 @@ def wait_healthy(uri: str, process: subprocess.Popen, timeout: float = 120.0) ->
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"mlflow server at {uri} did not answer /health within {timeout:.0f} s")
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_ports
+from helpers import free_ports, stop_process
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
@@ -164,12 +164,7 @@ class SlurmCluster:
         while self.run("squeue", "-h", check=False).stdout.strip() and time.monotonic() < deadline:
             time.sleep(0.5)
         for process in reversed(self.processes):
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
 
 
 @pytest.fixture(scope="session", name="slurm_cluster")
