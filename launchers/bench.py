@@ -30,6 +30,9 @@ def add_training_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--data", choices=("latents", "images"), default="latents",
                        help="latents: SD-VAE latent moments as latent shards give (no encoder); "
                             "images: uint8 images through the configured vae (online encoding)")
+    bench.add_argument("--random-vae", action="store_true",
+                       help="with --data images: the SD-VAE's architecture with random weights "
+                            "instead of loading vae (the encoder's cost does not depend on them)")
     bench.add_argument("--peak-tflops", type=float, help="peak for MFU (default: the device's "
                        "data-sheet peak if known, else a large matmul measured now)")
     bench.add_argument("--peak-matmul-size", type=int, help="n of the n x n x n matmul that "
@@ -57,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
         # (unread) when the baseline is objective=dit.
         subject = to_dict(sides[0].cfg)
         sides.append(Side(" ".join(args.vs), load_config(None, baseline, base=subject), network))
-    options = BenchOptions(steps=args.steps, warmup=args.warmup, data=args.data,
+    options = BenchOptions(steps=args.steps, warmup=args.warmup, data=args.data, random_vae=args.random_vae,
                            peak_tflops=args.peak_tflops, threads=args.threads,
                            peak_matmul_size=args.peak_matmul_size, profile_steps=2 if args.profile else 0)
     report = run_benchmark(sides, options)

@@ -13,6 +13,15 @@ from torch import nn
 
 LATENT_SCALE = 0.18215
 
+# The architecture of Stable Diffusion's VAE (the config.json of stabilityai/sd-vae-ft-ema and
+# sd-vae-ft-mse): 4 encoder blocks, 8x downsampling, 4 latent channels, about 83.7M parameters.
+SD_VAE_ARCHITECTURE = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32,
+    "act_fn": "silu", "sample_size": 256,
+}
+
 
 class PixelCodec(nn.Module):
     """Identity codec: the denoiser works on [-1, 1] pixels (the CPU demo)."""
@@ -59,6 +68,15 @@ class SDVAECodec(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         images = self.vae.decode((latents / LATENT_SCALE).to(self.vae.dtype)).sample
         return images.float().clamp(-1, 1)
+
+
+def random_sd_vae_codec(seed: int = 0) -> SDVAECodec:
+    """The SD-VAE's architecture with random weights: for timing the online encoder (its cost does
+    not depend on the weights) where the weights file is not at hand; its latents mean nothing."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return SDVAECodec(AutoencoderKL(**SD_VAE_ARCHITECTURE))
 
 
 def load_codec(vae: str) -> PixelCodec | SDVAECodec:

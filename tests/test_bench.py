@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 from advdit.launchers.cli import main
 
@@ -81,3 +82,43 @@ def test_bench_adversarial_objective_against_plain_dit(tmp_path: Path) -> None:
 def test_bench_refuses_diffusers_for_an_adversarial_objective(capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", *TINY, "objective=ddgan", "--vs", "diffusers"]) == 2
     assert "objective must be 'dit'" in capsys.readouterr().err
+
+
+def test_bench_times_the_online_encoder_inside_the_step(tmp_path: Path, tiny_vae_dir: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    # The tiny VAE downsamples 2x: 16-px images give the same 8x8x4 latents as the other tests.
+    code, report = run_bench(tmp_path, f"vae={tiny_vae_dir}", "data.image_size=16", "--data", "images",
+                             "--peak-tflops", "1")
+    assert code == 0
+    assert report["config"]["data"] == "images" and report["config"]["vae"] == str(tiny_vae_dir)
+    assert report["config"]["input"] == f"{CHANNELS}x{LATENT}x{LATENT}"
+    (row,) = report["contenders"]
+    assert len(row["input_times_s"]) == STEPS
+    pairs = zip(row["input_times_s"], row["step_times_s"], strict=True)
+    assert all(0 < encode < step for encode, step in pairs)
+    assert row["median_input_s"] == statistics.median(row["input_times_s"])
+    assert row["input_flops_per_image"] > 0  # counted by test_encoder_flops_are_those_of_a_real_encode
+    assert f"{row['median_input_s']:.4f}" in capsys.readouterr().out
+
+
+def test_bench_random_vae_needs_image_input(capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", *TINY, "--random-vae"]) == 2
+    assert "--random-vae times the VAE encoder, so it needs --data images" in capsys.readouterr().err
+
+
+def test_encoder_flops_are_those_of_a_real_encode(tiny_vae_dir: Path) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from advdit.models.vae import load_codec
+    from advdit.trainer.benchmark import LatentStandIn, encoder_flops_per_image
+
+    codec = load_codec(str(tiny_vae_dir))
+    # The math attention kernel: FlopCounterMode does not count the CPU flash kernel's FLOPs.
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        codec.vae.encode(torch.zeros(1, 3, 16, 16))
+    assert encoder_flops_per_image(codec, 16) == counter.get_total_flops() > 0
+    # Four times the pixels, four times the convolutions' work (all layers are convolutions or
+    # per-pixel, except the mid-block attention over the pixels, which grows faster).
+    assert encoder_flops_per_image(codec, 32) >= 4 * counter.get_total_flops()
+    assert encoder_flops_per_image(LatentStandIn(), 256) == 0

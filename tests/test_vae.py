@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from advdit.models.vae import LATENT_SCALE, PixelCodec, load_codec
+from advdit.models.vae import LATENT_SCALE, PixelCodec, load_codec, random_sd_vae_codec
 from advdit.trainer.loop import train
 
 from helpers import tiny_config
@@ -45,3 +45,13 @@ def test_training_in_latent_space(tiny_vae_dir: Path, tmp_path: Path, tiny_shard
     state = torch.load(result.checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
     assert state["model"]["x_embedder.proj.weight"].shape[1] == 4  # the DiT saw 4 latent channels
     assert result.grid is not None and result.grid.is_file()
+
+
+def test_random_sd_vae_has_the_sd_vae_shape() -> None:
+    codec = random_sd_vae_codec()
+    assert codec.channels == 4 and codec.downsample == 8
+    # The encoder's stages: a conv_in to 128 channels, then the four blocks' widths.
+    widths = [block.resnets[-1].conv2.out_channels for block in codec.vae.encoder.down_blocks]
+    assert codec.vae.encoder.conv_in.out_channels == 128 and widths == [128, 256, 512, 512]
+    latents = codec.encode(torch.rand(1, 3, 64, 64) * 2 - 1, generator=torch.Generator().manual_seed(0))
+    assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()

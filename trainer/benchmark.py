@@ -3,7 +3,9 @@
 A contender is one trainer, built by :meth:`Trainer.build` exactly as ``advdit train`` builds it,
 fed a fixed synthetic batch on its device; its step is :meth:`Trainer.train_step` (the objective's
 forward, backward and optimizer step(s), and the EMA update), so the benchmark times what
-training runs, without the data loader. Several contenders (ours and diffusers' DiT, or ours and
+training runs, without the data loader. Each timed step includes making its latents (a posterior
+draw from stored moments, or with ``--data images`` the VAE encoder), also reported on its own
+as the input time. Several contenders (ours and diffusers' DiT, or ours and
 the same config with some keys changed) run in one process, alternating step by step with the
 order swapped every round, so a shared or throttled machine slows them alike; their ratio is the
 median of the per-round step-time ratios.
@@ -30,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..models.attention import resolve_backend
 from ..models.dit import resolve_size
-from ..models.vae import PixelCodec, SDVAECodec, load_codec
+from ..models.vae import PixelCodec, SDVAECodec, load_codec, random_sd_vae_codec
 from .config import Config, ConfigError
 from .engines import mixed_precision
 from .loop import Trainer, configure_tf32, peak_memory_gb
@@ -61,6 +63,7 @@ class BenchOptions:
     steps: int = 10  # timed steps per contender
     warmup: int = 3  # untimed steps first (the first includes any compilation)
     data: str = "latents"  # latents: stored SD-VAE moments, no encoder; images: the configured codec
+    random_vae: bool = False  # with data="images": the SD-VAE's architecture, random weights
     peak_tflops: float | None = None  # overrides the known or measured peak
     threads: int | None = None  # torch intra-op threads (default: torch's own)
     peak_matmul_size: int | None = None  # n of the measuring matmul (default MATMUL_SIZE)
@@ -138,6 +141,21 @@ def forward_flops_per_image(model: nn.Module, channels: int, latent_size: int, z
     return counter.get_total_flops()
 
 
+def encoder_flops_per_image(codec: nn.Module, image_size: int) -> int:
+    """FLOPs of encoding one image to its posterior with the codec's VAE, counted on a meta copy
+    built from its config; 0 when the step has no encoder (stored latents, pixels)."""
+    if not isinstance(codec, SDVAECodec):
+        return 0
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        copy = AutoencoderKL.from_config(codec.vae.config)
+    images = torch.empty(1, 3, image_size, image_size, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        copy.encode(images)
+    return counter.get_total_flops()
+
+
 def compute_precision(cfg: Config, device: torch.device) -> str:
     """The precision the step's matmuls run in: bf16/fp16 under autocast, tf32 or fp32 otherwise."""
     precision = mixed_precision(cfg)
@@ -196,26 +214,30 @@ class Contender:
     trainer: Trainer
     batch: dict[str, torch.Tensor]
     forward_flops: int
+    input_flops: int = 0  # per image, of the VAE encoder when the step encodes images
     warmup_times: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
+    input_times: list[float] = field(default_factory=list)  # the part of each timed step making latents
     peak_cuda_bytes: int = 0
 
     @property
     def device(self) -> torch.device:
         return self.trainer.accelerator.device
 
-    def step(self) -> float:
-        """One timed training step (the loop's step without the loader) and its CUDA peak."""
+    def step(self) -> tuple[float, float]:
+        """One timed training step (the loop's step without the loader), its CUDA peak, and the
+        seconds of it spent making the latents (the VAE encoder with ``--data images``)."""
         trainer = self.trainer
         configure_tf32(self.side.cfg.train.tf32)  # contenders may differ in this flag
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        seconds = _timed(lambda: trainer.train_step(trainer.latents(self.batch), self.batch["labels"]),
-                         self.device)
+        latents: list[torch.Tensor] = []
+        input_seconds = _timed(lambda: latents.append(trainer.latents(self.batch)), self.device)
+        seconds = _timed(lambda: trainer.train_step(latents[0], self.batch["labels"]), self.device)
         trainer.state.step += 1  # fresh draws per step, and step-dependent schedules (lazy R1) advance
         if self.device.type == "cuda":
             self.peak_cuda_bytes = max(self.peak_cuda_bytes, torch.cuda.max_memory_allocated(self.device))
-        return seconds
+        return input_seconds + seconds, input_seconds
 
 
 def synthetic_batch(cfg: Config, codec: nn.Module, data: str,
@@ -241,10 +263,22 @@ def build_network(side: Side, channels: int, latent_size: int) -> nn.Module:
     return build_denoiser(side.cfg, channels, latent_size)
 
 
-def build_contender(side: Side, data: str) -> Contender:
-    cfg = side.cfg
+def bench_codec(cfg: Config, options: BenchOptions) -> nn.Module:
+    if options.data == "latents":
+        return LatentStandIn()
+    return random_sd_vae_codec(cfg.run.seed) if options.random_vae else load_codec(cfg.vae)
+
+
+def bench_vae_name(cfg: Config, options: BenchOptions) -> str | None:
+    if options.data == "latents":
+        return None
+    return "random SD-VAE architecture" if options.random_vae else cfg.vae
+
+
+def build_contender(side: Side, options: BenchOptions) -> Contender:
+    cfg, data = side.cfg, options.data
     trainer = Trainer(cfg, resume="none", progress=False)
-    codec = LatentStandIn() if data == "latents" else load_codec(cfg.vae)
+    codec = bench_codec(cfg, options)
     channels, latent_size = codec.channels, cfg.data.image_size // codec.downsample
     with torch.device("meta"):  # a copy to count FLOPs on, without memory or compilation
         counted = build_network(side, channels, latent_size)
@@ -255,7 +289,7 @@ def build_contender(side: Side, data: str) -> Contender:
     trainer.build(codec=codec, model=network)
     trainer.model.train()
     batch = synthetic_batch(cfg, trainer.codec, data, trainer.accelerator.device)
-    return Contender(side, trainer, batch, flops)
+    return Contender(side, trainer, batch, flops, encoder_flops_per_image(trainer.codec, cfg.data.image_size))
 
 
 def check_sides(sides: list[Side]) -> None:
@@ -281,13 +315,15 @@ def alternate(contenders: list[Contender], steps: int, warmup: int, probe: Matmu
     the peak probe's matmul at the start of each round."""
     for _ in range(warmup):
         for contender in contenders:
-            contender.warmup_times.append(contender.step())
+            contender.warmup_times.append(contender.step()[0])
     for round_index in range(steps):
         if probe is not None:
             probe.measure()
         order = contenders if round_index % 2 == 0 else contenders[::-1]
         for contender in order:
-            contender.step_times.append(contender.step())
+            seconds, input_seconds = contender.step()
+            contender.step_times.append(seconds)
+            contender.input_times.append(input_seconds)
 
 
 def peak_probe(device: torch.device, precision: str, options: BenchOptions) -> MatmulProbe | None:
@@ -324,6 +360,10 @@ def contender_report(contender: Contender, peak: dict[str, Any]) -> dict[str, An
         "mean_step_s": statistics.fmean(contender.step_times),
         "step_times_s": contender.step_times,
         "first_step_s": contender.warmup_times[0] if contender.warmup_times else None,
+        # Making the step's latents: the VAE encoder with --data images, a posterior draw otherwise.
+        "median_input_s": statistics.median(contender.input_times),
+        "input_times_s": contender.input_times,
+        "input_flops_per_image": contender.input_flops,  # not part of the model FLOPs or the MFU
         "images_per_sec": images_per_sec,
         "forward_flops_per_image": contender.forward_flops,
         "flops_per_image": flops,
@@ -347,6 +387,7 @@ def describe(cfg: Config, contender: Contender, options: BenchOptions) -> dict[s
         "strategy": cfg.distributed.strategy, "precision": compute_precision(cfg, device),
         "attention": resolve_backend(cfg.model.attention, device), "compile": cfg.model.compile,
         "grad_checkpointing": cfg.model.grad_checkpointing, "data": options.data,
+        "vae": bench_vae_name(cfg, options),
         "fused_adamw": bool(contender.trainer.optimizer.defaults.get("fused")),
         "steps": options.steps, "warmup": options.warmup,
     }
@@ -364,10 +405,12 @@ def run_benchmark(sides: list[Side], options: BenchOptions) -> dict[str, Any]:
         raise ConfigError("advdit bench: --steps must be >= 1 and --warmup >= 0")
     if options.data not in ("latents", "images"):
         raise ConfigError(f"advdit bench: --data must be 'latents' or 'images', got {options.data!r}")
+    if options.random_vae and options.data != "images":
+        raise ConfigError("advdit bench: --random-vae times the VAE encoder, so it needs --data images")
     check_sides(sides)
     if options.threads:
         torch.set_num_threads(options.threads)
-    contenders = [build_contender(side, options.data) for side in sides]
+    contenders = [build_contender(side, options) for side in sides]
     subject = contenders[0]
     precision = compute_precision(subject.side.cfg, subject.device)
     probe = peak_probe(subject.device, precision, options)
@@ -439,13 +482,13 @@ def format_table(report: dict[str, Any]) -> str:
         f"({report['machine']['threads']} threads)",
         f"peak {peak['tflops']:.4g} TFLOP/s {peak['precision']} ({peak['source']})",
         f"{'contender':<28} {'median step s':>13} {'images/s':>9} {'GFLOP/img':>10} {'MFU':>6} "
-        f"{'first step s':>12} {'peak GiB':>8}",
+        f"{'first step s':>12} {'peak GiB':>8} {'input s':>8}",
     ]
     for row in report["contenders"]:
         lines.append(
             f"{row['name']:<28} {row['median_step_s']:>13.4f} {row['images_per_sec']:>9.2f} "
             f"{row['flops_per_image'] / 1e9:>10.2f} {row['mfu']:>6.1%} {row['first_step_s'] or 0:>12.2f} "
-            f"{row['peak_memory_gb']:>8.2f}")
+            f"{row['peak_memory_gb']:>8.2f} {row['median_input_s']:>8.4f}")
     for name, ratio in report.get("ratios", {}).items():
         lines.append(f"step time {name}: {ratio:.3f} (median of per-round ratios)")
     if "profile" in report:
