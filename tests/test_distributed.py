@@ -79,6 +79,11 @@ def test_killed_run_resumes_to_the_same_losses(strategy: str, uninterrupted: dic
     for step, row in expected.items():
         for key in ("loss", "loss_d", "ada/p"):
             assert got[step][key] == pytest.approx(row[key], rel=1e-5, abs=1e-6), (strategy, step, key)
+    # The EMA resumed too (under ZeRO-3 re-sliced from the checkpoint's gathered copy).
+    resumed_ema = ema_state(final_checkpoint(tmp_path))
+    whole_ema = ema_state(final_checkpoint(uninterrupted[strategy]))
+    for name, tensor in whole_ema.items():
+        assert torch.allclose(resumed_ema[name], tensor, rtol=1e-5, atol=1e-7), (strategy, name)
 
 
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])

@@ -1,7 +1,7 @@
 """Consolidate a checkpoint's denoiser weights into one safetensors file, whatever the strategy.
 
-- ``ema`` (default): the EMA weights, which every rank holds in full (the EMA is updated from
-  gathered parameters under ZeRO-3), saved as a custom object of the checkpoint.
+- ``ema`` (default): the EMA weights, saved in full as a custom object of the checkpoint (under
+  ZeRO-3 the ranks' EMA slices are gathered before every checkpoint).
 - ``raw``: the trained weights; under ZeRO the per-rank shards are merged with DeepSpeed's
   ``get_fp32_state_dict_from_zero_checkpoint``, under DDP they are read from ``model.safetensors``.
 

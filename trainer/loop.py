@@ -28,7 +28,7 @@ from .checkpoint import (
 from .config import Config, config_hash, dump_yaml, flatten
 from .data import StreamSpec, build_loader, check_manifest, normalize_images, resolve_shards
 from .ema import EMA
-from .engines import gathered, make_accelerator
+from .engines import make_accelerator
 from .evaluate import Sampler, TrainingFID, sample_grid
 from .objectives import (
     VAE_STREAM,
@@ -248,12 +248,14 @@ class Trainer:
         meta = {"config": flatten(self.cfg), "config_hash": config_hash(self.cfg),
                 "mlflow_run_id": self.state.mlflow_run_id, "images_seen": self.state.images_seen,
                 "world_size": self.accelerator.num_processes, "stopped_by": self.preemption.stopped_by}
+        self.ema.gather()
         path = save_checkpoint(self.accelerator, self.output_dir, self.state.step, meta, self._parts(),
                                self.cfg.train.keep_last)
         logger.info("checkpoint %s", path)
         return path
 
     def _grid(self) -> Path | None:
+        self.ema.gather()  # on every rank: under ZeRO-3 a collective
         if not self.accelerator.is_main_process:
             return None
         path = self.output_dir / "samples" / f"step_{self.state.step:08d}.png"
@@ -264,6 +266,9 @@ class Trainer:
 
     def _fid(self, step: int, last: bool) -> None:
         """FID of the EMA weights when due, drawn by every rank; logged by the main process."""
+        if not self.fid.due(step, last):
+            return
+        self.ema.gather()
         sampler = Sampler(self.ema.model, self.objective, self.codec, self.accelerator.device,
                           self.accelerator.autocast)
         metrics = self.fid.after_step(step, last, sampler)
@@ -318,8 +323,7 @@ class Trainer:
         loop runs per batch and ``advdit bench`` times."""
         ctx = StepContext(self.accelerator, self.cfg.run.seed, self.state.step, self.cfg.optim.grad_clip)
         metrics = self.objective.train_step(latents, labels, ctx)
-        with gathered(self.accelerator.unwrap_model(self.model)):
-            self.ema.update(self.accelerator.unwrap_model(self.model))
+        self.ema.update(self.accelerator.unwrap_model(self.model))  # under ZeRO-3 on this rank's slices
         return metrics
 
     def _train(self, shards: list[str]) -> tuple[Path | None, Path | None]:
