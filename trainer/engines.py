@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -118,20 +118,6 @@ def prepare_adversary(accelerator: Accelerator, net: nn.Module,
         adversary_accelerator = Accelerator()
         net, optimizer = adversary_accelerator.prepare(net, optimizer)
     return adversary_accelerator, net, optimizer
-
-
-def gathered(model: nn.Module) -> Any:
-    """Full parameters of a ZeRO-3 model for the duration of the block (elsewhere a no-op).
-
-    Under ZeRO-3 each rank holds only a slice of every parameter; reading ``parameters()``
-    outside this context would silently see empty tensors (the lost-EMA pitfall).
-    """
-    params = list(model.parameters())
-    if not any(hasattr(p, "ds_id") for p in params):
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def global_grad_norm(model: nn.Module) -> torch.Tensor | None:
