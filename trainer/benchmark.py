@@ -231,13 +231,18 @@ class Contender:
         configure_tf32(self.side.cfg.train.tf32)  # contenders may differ in this flag
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        latents: list[torch.Tensor] = []
-        input_seconds = _timed(lambda: latents.append(trainer.latents(self.batch)), self.device)
-        seconds = _timed(lambda: trainer.train_step(latents[0], self.batch["labels"]), self.device)
+        _sync(self.device)
+        start = time.perf_counter()
+        latents = trainer.latents(self.batch)
+        _sync(self.device)
+        encoded = time.perf_counter()
+        trainer.train_step(latents, self.batch["labels"])
+        _sync(self.device)
+        end = time.perf_counter()
         trainer.state.step += 1  # fresh draws per step, and step-dependent schedules (lazy R1) advance
         if self.device.type == "cuda":
             self.peak_cuda_bytes = max(self.peak_cuda_bytes, torch.cuda.max_memory_allocated(self.device))
-        return input_seconds + seconds, input_seconds
+        return end - start, encoded - start
 
 
 def synthetic_batch(cfg: Config, codec: nn.Module, data: str,
