@@ -107,9 +107,14 @@ def convert_sample(sample: SourceSample, size: int, quality: int) -> tuple[bytes
 
 
 def _entries(folder: Path, dirs: bool) -> list[str]:
-    """Sorted names of the sub-folders (or files) of ``folder``, hidden ones left out."""
-    return sorted(entry.name for entry in os.scandir(folder)
-                  if not entry.name.startswith(".") and (entry.is_dir() if dirs else entry.is_file()))
+    """Sorted names of the sub-folders (or files) of ``folder``, hidden ones left out; a DataError
+    names an entry that cannot be looked at (a symlink loop, a dangling mount)."""
+    try:
+        with os.scandir(folder) as scan:
+            return sorted(entry.name for entry in scan
+                          if not entry.name.startswith(".") and (entry.is_dir() if dirs else entry.is_file()))
+    except OSError as err:
+        raise DataError(f"cannot list the source at {err.filename or folder}: {err.strerror or err}") from err
 
 
 def read_synsets(path: str | Path) -> list[str]:
@@ -185,6 +190,14 @@ def _split_member_name(name: str) -> tuple[str, str]:
 
 
 def _tar_samples(tar_path: Path) -> list[SourceSample]:
+    try:
+        return _read_tar_samples(tar_path)
+    except (tarfile.TarError, OSError) as err:
+        raise DataError(f"source tar {tar_path} cannot be read ({err}): it is damaged or truncated; "
+                        "fetch it again or leave it out of --source") from err
+
+
+def _read_tar_samples(tar_path: Path) -> list[SourceSample]:
     samples = []
     with tarfile.open(tar_path, "r:") as tar:
         members = [member for member in tar if member.isfile()]  # headers only: data is skipped

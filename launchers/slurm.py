@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..trainer.checkpoint import checkpoint_dir
-from ..trainer.config import Config, ConfigError, load_config
+from ..trainer.config import Config, ConfigError, control_character, load_config
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -70,10 +70,27 @@ class JobSpec:
                 raise ConfigError(f"{option} must be at least 1, got {value}")
         if self.gpus_per_node < 0:
             raise ConfigError(f"--gpus-per-node must be 0 (CPU nodes) or more, got {self.gpus_per_node}")
+        self._check_printable()
         for item in self.env:
             name, sep, _ = item.partition("=")
             if not sep or not name.isidentifier():
                 raise ConfigError(f"--env {item!r}: expected NAME=VALUE, e.g. NCCL_SOCKET_IFNAME=eth0")
+
+
+    def _check_printable(self) -> None:
+        """Every value that reaches the script is one line of printable text: a newline in, say,
+        a job name would end its #SBATCH line and run the rest as a command."""
+        for name, value in vars(self).items():
+            flag = "--" + name.removesuffix("s" if name.endswith("_options") else "").replace("_", "-")
+            for item in value if isinstance(value, list) else [value]:
+                check_printable(flag, item)
+
+
+def check_printable(key: str, value: object) -> None:
+    """Refuse a string with a control character, naming ``key``."""
+    if isinstance(value, str) and (bad := control_character(value)):
+        raise ConfigError(f"{key} holds the control character {bad!r} ({value!r}); values that go into "
+                          "the job script must be printable text")
 
 
 def job_folder(spec: JobSpec) -> Path:
@@ -84,6 +101,9 @@ def job_folder(spec: JobSpec) -> Path:
 def read_config(spec: JobSpec, config: str | None, overrides: list[str]) -> Config:
     """The validated config, read as the job will read it (relative to its working folder)."""
     spec.check()
+    check_printable("--config", config)
+    for override in overrides:
+        check_printable("the override", override)
     return load_config(None if config is None else job_folder(spec) / config, overrides)
 
 

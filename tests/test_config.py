@@ -108,3 +108,43 @@ def test_cli_takes_overrides_before_and_after_options(capsys: pytest.CaptureFixt
     # The override after the option is read (and its bad value reported, exit status 2).
     assert main(["train", "train.steps=3", "--resume", "none", "optim.lr=fast"]) == 2
     assert "'optim.lr' expects float" in capsys.readouterr().err
+
+
+def test_malformed_yaml_names_file_line_and_column(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from advdit.launchers.cli import main
+
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  steps: 10\n  lr: [1, 2\nmodel:\n  arch: DiT-S/2\n")
+    with pytest.raises(ConfigError, match=rf"{path}:4:6: not valid YAML"):
+        load_config(path)
+    assert main(["train", "--config", str(path), f"run.output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"advdit: error: {path}:4:6: not valid YAML")
+    path.write_text("!!python/object/apply:os.system ['touch pwned']\n")  # YAML that would run code
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    assert not (Path.cwd() / "pwned").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=.nan", r"'optim.lr' must be a finite number"),
+    ("optim.lr=.inf", r"'optim.lr' must be a finite number"),
+    ("optim.lr=-1e-4", r"'optim.lr' must be in \(0.0, inf\)"),
+    ("optim.lr=0", r"'optim.lr' must be in \(0.0, inf\)"),
+    ("optim.beta2=1.0", r"'optim.beta2' must be in \[0.0, 1.0\)"),
+    ("optim.weight_decay=-0.1", r"'optim.weight_decay' must be in \[0.0, inf\)"),
+    ("optim.grad_clip=-1", r"'optim.grad_clip' must be in \[0.0, inf\)"),
+    ("train.ema_decay=.nan", r"'train.ema_decay' must be a finite number"),
+    ('run.name="a\\nb"', r"'run.name' holds the control character"),
+])
+def test_non_finite_and_out_of_range_values_fail_before_the_run_folder(
+        override: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from advdit.launchers.cli import main
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+    out = tmp_path / "run"
+    assert main(["train", f"run.output_dir={out}", override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("advdit: error: config key")
+    assert not out.exists()

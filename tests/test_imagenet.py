@@ -227,3 +227,38 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert args.func(args) == 0
     assert f"wrote 9 {SIZE}x{SIZE} images in 3 shards to {out}; 1 unreadable" in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text())["preprocessing"]["jpeg_quality"] == 90
+
+
+def non_octal_size(path: Path) -> None:
+    """Overwrite the first header's size field with letters, with the header checksum made to fit."""
+    data = bytearray(path.read_bytes())
+    data[124:136] = b"0000000zz12\0"
+    data[148:156] = b" " * 8
+    data[148:155] = f"{sum(data[:512]):06o}\0".encode()
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["non_octal_header", "truncated_tar", "symlink_loop"])
+def test_damaged_sources_are_one_line_errors(damage: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from advdit.launchers.cli import main
+
+    if damage == "symlink_loop":
+        source = make_ilsvrc(tmp_path / "ilsvrc")
+        (source / "train" / "n01000001" / "loop.JPEG").symlink_to("loop.JPEG")
+        expected = f"cannot list the source at {source}/train/n01000001/loop.JPEG: Too many levels"
+    else:
+        source = tmp_path / "wds"
+        source.mkdir()
+        tar = source / "train-0000.tar"
+        write_tar(tar, [(f"{i:08d}", "jpg", encoded("rgb", (20, 20), (1, 2, 3)), 1) for i in range(3)])
+        if damage == "truncated_tar":
+            tar.write_bytes(tar.read_bytes()[:1800])
+        else:
+            non_octal_size(tar)
+        expected = f"source tar {tar} cannot be read"
+    args = ["data", "imagenet", "--source", str(source), "--out", str(tmp_path / "out"), "--size", "16",
+            "--workers", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"advdit: error: {expected}")

@@ -79,6 +79,38 @@ def documented_command() -> tuple[list[str], str]:
     return shlex.split(match.group(1).replace("\\\n", " "))[3:], match.group(2)
 
 
+INJECTION = "j\ntouch {target}\n#"  # ends the #SBATCH line, runs touch, comments out the rest
+
+
+def test_newline_in_the_job_name_is_refused_naming_the_option(capsys: pytest.CaptureFixture,
+                                                             tmp_path: Path) -> None:
+    target = tmp_path / "FILE"
+    assert main(["slurm", "submit", "--dry-run", "--job-name", INJECTION.format(target=target)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no script
+    assert captured.err.startswith("advdit: error: --job-name holds the control character '\\n'")
+    options = ("--partition", "--time", "--setup", "--env", "--sbatch-option", "--srun-option", "--chdir")
+    for option in options:
+        value = "X=1\rY" if option == "--env" else "a\rb"
+        assert main(["slurm", "submit", "--dry-run", option, value]) == 2
+        assert capsys.readouterr().err.startswith(f"advdit: error: {option} holds the control character")
+    assert not target.exists()
+
+
+def test_newline_in_a_config_value_is_refused_naming_the_key(capsys: pytest.CaptureFixture,
+                                                            tmp_path: Path) -> None:
+    target = tmp_path / "FILE"
+    config = tmp_path / "evil.yaml"
+    config.write_text(json.dumps({"run": {"name": INJECTION.format(target=target)}}))
+    assert main(["slurm", "submit", "--dry-run", "--config", str(config)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("advdit: error: config key 'run.name' holds the control character")
+    assert main(["slurm", "submit", "--dry-run", "run.output_dir=\"runs/x\\ny\""]) == 2
+    assert "'run.output_dir' holds the control character" in capsys.readouterr().err
+    assert not target.exists()
+
+
 def test_docs_show_the_script_that_is_rendered(capsys: pytest.CaptureFixture) -> None:
     args, shown = documented_command()
     assert rendered(capsys, args) == shown
@@ -211,3 +243,19 @@ def test_invalid_config_is_refused_before_anything_is_queued(slurm_cluster: Slur
     assert done.stderr.strip() == "advdit: error: config key 'train.steps' must be positive"
     assert slurm_cluster.run("squeue", "-h", "-o", "%i").stdout == queued
     assert not (tmp_path / "slurm").exists()
+
+
+@pytest.mark.slow
+def test_a_config_that_would_inject_a_command_is_never_queued(slurm_cluster: SlurmCluster, tmp_path: Path,
+                                                              tiny_shards: Path) -> None:
+    target = tmp_path / "FILE"
+    config = tmp_path / "evil.yaml"
+    config.write_text(json.dumps({"run": {"name": INJECTION.format(target=target)}}))
+    queued = slurm_cluster.run("squeue", "-h", "-o", "%i").stdout
+    command = [arg for arg in submit_command(tmp_path, tiny_shards) if not arg.startswith("run.name=")]
+    done = subprocess.run([*command, "--config", str(config)],
+                          capture_output=True, text=True, env=slurm_cluster.env, timeout=120)
+    assert done.returncode == 2 and "'run.name' holds the control character" in done.stderr
+    assert slurm_cluster.run("squeue", "-h", "-o", "%i").stdout == queued
+    time.sleep(2)  # a job, had one been queued, would have had time to run its first lines
+    assert not target.exists()

@@ -11,8 +11,10 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +186,9 @@ class TrackingConfig:
     # null: a sqlite store inside the run's output folder, unless MLFLOW_TRACKING_URI is set.
     uri: str | None = None
     experiment: str = "advdit"
+    # At the end of a run, how long to wait for records MLflow has not taken yet (a resumed run
+    # sends what is still missing); short enough to fit Slurm's KillWait after SIGTERM.
+    flush_seconds: float = 15.0
 
 
 @dataclass
@@ -376,7 +381,47 @@ def _check_method_keys(cfg: Config, set_keys: set[str]) -> None:
             )
 
 
+# Ranges of the optimisers' values, checked before anything is built or written: an lr of NaN or
+# inf would otherwise train (and checkpoint) non-finite weights.
+RANGES = {
+    "optim.lr": (0.0, False, None), "disc.lr": (0.0, False, None),
+    "optim.weight_decay": (0.0, True, None), "disc.weight_decay": (0.0, True, None),
+    "optim.beta1": (0.0, True, 1.0), "optim.beta2": (0.0, True, 1.0),
+    "disc.beta1": (0.0, True, 1.0), "disc.beta2": (0.0, True, 1.0),
+    "optim.grad_clip": (0.0, True, None), "optim.warmup_steps": (0, True, None),
+    "tracking.flush_seconds": (0.0, True, None),
+}
+
+
+def _check_range(key: str, value: float, low: float, inclusive: bool, high: float | None) -> None:
+    above = value >= low if inclusive else value > low
+    if not (above and (high is None or value < high)):
+        bounds = f"{'[' if inclusive else '('}{low}, {high if high is not None else 'inf'})"
+        raise ConfigError(f"config key {key!r} must be in {bounds}, got {value!r}")
+
+
+def _check_values(cfg: Config) -> None:
+    """Every float is finite, no string holds a control character (a newline in a run name would
+    end a line of a rendered job script), and the optimisers' values are in range."""
+    for key, value in flatten(cfg).items():
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"config key {key!r} must be a finite number, got {item!r}")
+            if isinstance(item, str) and (bad := control_character(item)):
+                raise ConfigError(f"config key {key!r} holds the control character {bad!r}; "
+                                  "names and paths must be printable text")
+    for key, bounds in RANGES.items():
+        _check_range(key, get_value(cfg, key), *bounds)
+
+
+def control_character(text: str) -> str | None:
+    """The first control character of ``text`` (newline, carriage return, tab, escape, ...)."""
+    return next((char for char in text if unicodedata.category(char) == "Cc"), None)
+
+
 def _validate(cfg: Config, set_keys: set[str]) -> None:
+    _check_values(cfg)
     for key, choices in CHOICES.items():
         value = get_value(cfg, key)
         if value not in choices:
@@ -412,6 +457,23 @@ def _validate(cfg: Config, set_keys: set[str]) -> None:
     _check_method_keys(cfg, set_keys)
 
 
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML config file as a mapping; a syntax error names the file, line and column."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (run:, model:, ...), "
+                          f"got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 base: dict[str, Any] | None = None) -> Config:
     """Defaults, then ``base`` (a nested dict, e.g. a checkpoint's recorded config), then the YAML
@@ -426,9 +488,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        with path.open() as handle:
-            data = yaml.safe_load(handle) or {}
-        _merge(cfg, data, "", valid, set_keys)
+        _merge(cfg, read_yaml(path), "", valid, set_keys)
     for text in overrides:
         key, value = parse_override(text)
         section_keys = [k for k in valid if k.startswith(key + ".")]
