@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import subprocess
@@ -17,6 +18,7 @@ from ..trainer.checkpoint import CheckpointError
 from ..trainer.config import ConfigError, load_config
 from ..trainer.data import DataError
 from ..trainer.preemption import PREEMPTED_EXIT_CODE
+from ..trainer.runlock import RunLockedError
 from ..trainer.tracking import TrackingError
 from .bench import add_training_bench_parser
 from .bench_data import add_bench_parser
@@ -27,7 +29,9 @@ from .slurm import SlurmError, add_slurm_parser
 from .toy import add_toy_parser
 
 # Errors that describe a user's input; shown as one line instead of a traceback.
-USER_ERRORS = (ConfigError, DataError, TrackingError, CheckpointError, FileNotFoundError, SlurmError)
+USER_ERRORS = (ConfigError, DataError, TrackingError, CheckpointError, FileNotFoundError, SlurmError,
+               RunLockedError)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _relaunch(nproc: int, argv: Sequence[str]) -> int:
@@ -64,6 +68,15 @@ def _export(args: argparse.Namespace) -> int:
 
     out = export_weights(args.checkpoint, args.out, args.weights)
     print(f"wrote the {args.weights} weights of {args.checkpoint} to {out}")
+    return 0
+
+
+def _convert_checkpoint(args: argparse.Namespace) -> int:
+    from ..trainer.checkpoint import convert_legacy
+
+    for path in args.checkpoints:
+        convert_legacy(path)
+        print(f"converted {path}: ema.safetensors written, counters in meta.json, pickles removed")
     return 0
 
 
@@ -127,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--weights", choices=("ema", "raw"), default="ema")
     export.set_defaults(func=_export)
 
+    checkpoint = commands.add_parser("checkpoint", help="maintain checkpoints")
+    checkpoint_commands = checkpoint.add_subparsers(dest="checkpoint_command", required=True)
+    convert = checkpoint_commands.add_parser(
+        "convert", help="rewrite a checkpoint of the old pickled format (custom_checkpoint_*.pkl) "
+                        "without pickles; its pickles are read with torch's weights-only loader")
+    convert.add_argument("checkpoints", nargs="+", help="checkpoint folders, e.g. runs/x/checkpoints/step_*")
+    convert.set_defaults(func=_convert_checkpoint)
+
     data = commands.add_parser("data", help="write data sets as webdataset shards")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     demo = data_commands.add_parser("demo", help="the procedurally drawn 10-class shapes set")
@@ -168,6 +189,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except USER_ERRORS as err:
         print(f"advdit: error: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:  # training diverged; the last good checkpoint is kept
+        print(f"advdit: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        print(f"advdit: error: disk full writing {err.filename or 'a file'} ({err.strerror}); free "
+              "space there and run the command again", file=sys.stderr)
         return 2
 
 

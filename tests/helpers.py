@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import random
 import socket
@@ -16,8 +18,13 @@ import torch
 from advdit.launchers.demo_data import draw_shape
 from advdit.launchers.shards import ShardWriter, encode_png
 from advdit.trainer.config import Config, load_config
+from advdit.trainer.fid import ConvFeatureNet, FeatureSpec
 
 TINY_SIZE = 16
+# A feature network for FID tests: a small convnet, randomly initialised.
+TINY_SPEC = FeatureSpec(name="tiny-convnet", arch="convnet", sha256="", feature_dim=16, num_logits=10,
+                        input_size=32, file_name="tiny.pth", source="written by tests/test_fid.py",
+                        widths=(8, 16))
 
 
 def write_shape_shards(out_dir: Path, num_images: int, per_shard: int, size: int = TINY_SIZE,
@@ -102,3 +109,12 @@ def stop_process(process: subprocess.Popen, timeout: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def save_tiny_net(folder: Path) -> tuple[Path, Path]:
+    """A randomly initialised convnet saved as a weights file, and its spec with the file's SHA-256."""
+    torch.manual_seed(0)
+    weights = folder / "tiny.pth"
+    torch.save(ConvFeatureNet(TINY_SPEC).state_dict(), weights)
+    spec = dataclasses.replace(TINY_SPEC, sha256=hashlib.sha256(weights.read_bytes()).hexdigest())
+    return weights, spec.to_file(folder / "tiny.json")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from advdit.launchers.demo_data import CLASSES, write_demo_shards
 from advdit.launchers.shards import file_sha256
 from advdit.trainer.data import (
     DataError,
+    ShardError,
     StreamSpec,
     build_loader,
     iter_records,
@@ -22,7 +25,9 @@ from advdit.trainer.data import (
     tar_members,
 )
 
-from helpers import TINY_SIZE, corrupt_copy, write_shape_shards
+from helpers import TINY_SIZE, corrupt_copy, tiny_overrides, write_shape_shards
+
+ADVDIT = str(Path(sys.executable).with_name("advdit"))
 
 
 def spec_for(shards: list[str], batch_size: int = 8, flip: bool = False) -> StreamSpec:
@@ -201,3 +206,87 @@ def test_benchmark_refuses_a_zero_count(capsys: pytest.CaptureFixture) -> None:
 
     assert main(["data", "bench", "--writer", "--count", "0"]) == 2
     assert "--count" in capsys.readouterr().err
+
+
+def damaged_copies(source: Path, folder: Path) -> dict[str, Path]:
+    """Broken shards as disks and interrupted copies leave them."""
+    data = source.read_bytes()
+    with tarfile.open(source) as archive:
+        second_body = archive.getmembers()[1].offset_data
+    damaged = {
+        "empty": b"",
+        "few-hundred-bytes": data[:300],
+        "not-a-tar": b"<html>503 Service Unavailable</html>" * 60,
+        "cut-mid-member": data[:second_body + 100],  # inside the second member's bytes
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, payload in damaged.items():
+        paths[name] = folder / f"{name}.tar"
+        paths[name].write_bytes(payload)
+    return paths
+
+
+def readable_prefix(path: Path) -> list[str]:
+    names = []
+    with pytest.raises(ShardError):
+        for name, _ in tar_members(str(path)):
+            names.append(name)
+    return names
+
+
+def test_tar_reader_names_each_kind_of_damage(tiny_shards: Path, tmp_path: Path) -> None:
+    paths = damaged_copies(tiny_shards / "train-000000.tar", tmp_path)
+    expected = {"empty": r"is empty \(0 bytes\)", "not-a-tar": "has no valid tar header at byte 0",
+                "few-hundred-bytes": r"is truncated at byte 300 \(inside a header",
+                "cut-mid-member": r"is truncated at byte \d+ \(inside a member"}
+    for name, message in expected.items():
+        with pytest.raises(ShardError, match=message):
+            list(tar_members(str(paths[name])))
+    assert readable_prefix(paths["cut-mid-member"]) == ["000000.cls"]  # members before the damage
+
+
+def test_non_octal_size_field_is_a_shard_error(tiny_shards: Path, tmp_path: Path) -> None:
+    header = bytearray((tiny_shards / "train-000000.tar").read_bytes()[:512])
+    header[124:136] = b"0000000zz12\0"  # a size a broken writer produced, with a valid checksum
+    header[148:156] = b" " * 8
+    header[148:155] = f"{sum(header):06o}\0".encode()
+    path = tmp_path / "bad-size.tar"
+    path.write_bytes(bytes(header) + b"\0" * 1536)
+    with pytest.raises(ShardError, match="non-octal size field"):
+        list(tar_members(str(path)))
+
+
+def test_unreadable_shards_in_a_good_set_are_skipped_named_and_counted(
+        tiny_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    good = resolve_shards(str(tiny_shards))
+    bad = [str(path) for path in damaged_copies(tiny_shards / "train-000000.tar", tmp_path).values()]
+    caplog.set_level("WARNING")
+    skipped: list[str] = []
+    assert len(list(iter_records(good + bad, skipped))) == 320
+    assert len(skipped) == 4 and all(any(path in entry for entry in skipped) for path in bad)
+    assert all(path in caplog.text for path in bad)
+    # Through the loader: 32 batches of 10 per epoch; each epoch meets the 4 shards again, and a
+    # skip is reported with the batch after it, so after two epochs and a batch 8 to 12 are counted.
+    batches = take(build_loader(spec_for(good + bad, batch_size=10), 0, 1, num_workers=0), 65)
+    assert len({key for batch in batches[:32] for key in batch["keys"]}) == 320
+    assert 8 <= sum(batch["skipped_shards"] for batch in batches) <= 12
+
+
+def test_a_stream_without_readable_samples_stops_with_the_shard_names(tiny_shards: Path,
+                                                                      tmp_path: Path) -> None:
+    """Before, the loader spun forever at step 0; now the trainer stops at once with one line."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    bad = damaged_copies(tiny_shards / "train-000000.tar", tmp_path / "bad")
+    # Sorted, a b c d; with 2 loader workers stream 0 reads a and c, stream 1 only the holes b and d.
+    (shards / "a-good.tar").write_bytes((tiny_shards / "train-000000.tar").read_bytes())
+    (shards / "b-hole.tar").write_bytes(bad["empty"].read_bytes())
+    (shards / "c-good.tar").write_bytes((tiny_shards / "train-000001.tar").read_bytes())
+    (shards / "d-hole.tar").write_bytes(bad["few-hundred-bytes"].read_bytes())
+    run = subprocess.run([ADVDIT, "train", *tiny_overrides(tmp_path / "run", shards), "data.num_workers=2"],
+                         capture_output=True, text=True, timeout=120)
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert last.startswith("advdit: error: shards ") and "yield no readable sample" in last
+    assert "b-hole.tar" in last and "d-hole.tar" in last and "good" not in last

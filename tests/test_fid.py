@@ -23,7 +23,6 @@ from advdit.trainer.data import iter_records, resolve_shards
 from advdit.trainer.fid import (
     INCEPTION_V3_TF,
     WEIGHTS_ENV,
-    ConvFeatureNet,
     FeatureSpec,
     FeatureStats,
     FidError,
@@ -39,14 +38,9 @@ from advdit.trainer.fid import (
 )
 from advdit.trainer.loop import train
 
-from helpers import tiny_config
+from helpers import TINY_SPEC, save_tiny_net, tiny_config
 
 ADVDIT = str(Path(sys.executable).with_name("advdit"))
-TINY_SPEC = FeatureSpec(name="tiny-convnet", arch="convnet", sha256="", feature_dim=16, num_logits=10,
-                        input_size=32, file_name="tiny.pth", source="written by tests/test_fid.py",
-                        widths=(8, 16))
-
-
 def random_spd(dim: int, rng: np.random.Generator) -> np.ndarray:
     factor = rng.normal(size=(dim, dim))
     return factor @ factor.T + 0.1 * np.eye(dim)
@@ -160,15 +154,6 @@ def test_adm_reference_batch_is_read_and_checked(tmp_path: Path) -> None:
     np.savez(tmp_path / "no_stats.npz", arr_0=np.zeros((1, 4, 4, 3), np.uint8))
     with pytest.raises(FidError, match=r"no_stats\.npz holds no 'mu' and 'sigma'"):
         read_stats(tmp_path / "no_stats.npz")
-
-
-def save_tiny_net(folder: Path) -> tuple[Path, Path]:
-    """A randomly initialised convnet saved as a weights file, and its spec with the file's SHA-256."""
-    torch.manual_seed(0)
-    weights = folder / "tiny.pth"
-    torch.save(ConvFeatureNet(TINY_SPEC).state_dict(), weights)
-    spec = dataclasses.replace(TINY_SPEC, sha256=hashlib.sha256(weights.read_bytes()).hexdigest())
-    return weights, spec.to_file(folder / "tiny.json")
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from advdit.trainer.checkpoint import complete_checkpoints, read_meta
 from advdit.trainer.loop import train
 from advdit.trainer.preemption import PREEMPTED_EXIT_CODE, PreemptionGuard
 
-from helpers import tiny_config, tiny_overrides
+from helpers import save_tiny_net, tiny_config, tiny_overrides
 
 ADVDIT = str(Path(sys.executable).with_name("advdit"))
 # Long enough that the signal lands mid-run at any speed; checkpoints only from the signal and the end.
@@ -79,3 +80,58 @@ def test_sigusr1_checkpoints_exits_and_resumes_to_the_same_losses(tmp_path: Path
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_too(tmp_path: Path, tiny_shards: Path) -> None:
     assert_signal_checkpoints_the_current_step(tmp_path, tiny_shards, signal.SIGTERM)
+
+
+def signal_during_evaluation(out: Path, args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``advdit train`` ``args``, send SIGUSR1 a second after step 2 is logged (the evaluation of
+    step 2 is then under way); returns the finished process and the seconds it took to exit."""
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(metric_rows(out)) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, "the run did not reach step 2"
+        time.sleep(0.02)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGUSR1)
+    signalled = time.monotonic()
+    stdout, stderr = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr), time.monotonic() - signalled
+
+
+def assert_checkpointed_at_step_2(out: Path, done: subprocess.CompletedProcess) -> None:
+    assert done.returncode == PREEMPTED_EXIT_CODE, done.stderr[-3000:]
+    checkpoints = complete_checkpoints(out / "checkpoints")
+    assert [path.name for path in checkpoints] == ["step_00000002"]
+    assert read_meta(checkpoints[0])["stopped_by"] == "SIGUSR1"
+    assert [row["step"] for row in metric_rows(out)] == [1, 2]
+
+
+@pytest.mark.slow
+def test_signal_during_a_sample_grid_stops_between_rows(tmp_path: Path, tiny_shards: Path) -> None:
+    """An 8-row grid of 1000-step DDPM samples takes many seconds: the signal is honoured after
+    the row being drawn, with a checkpoint of step 2 and no grid."""
+    args = [ADVDIT, "train", *tiny_overrides(tmp_path, tiny_shards), *SETTINGS, "train.sample_every=2",
+            "sample.sampler=ddpm", "sample.steps=1000", "sample.grid_rows=8"]
+    done, seconds = signal_during_evaluation(tmp_path, args)
+    assert_checkpointed_at_step_2(tmp_path, done)
+    assert "sample grid of step 2 abandoned" in done.stderr
+    assert not (tmp_path / "samples" / "step_00000002.png").exists()
+    drawn = re.search(r"abandoned: stopped by a signal after (\d) of 8 rows", done.stderr).group(1)
+    print(f"\nSIGUSR1 1 s into an 8-row grid: checkpoint and exit 75 after {seconds:.1f} s, "
+          f"{drawn} row(s) drawn")
+
+
+@pytest.mark.slow
+def test_signal_during_an_fid_evaluation_stops_between_batches(tmp_path: Path, tiny_shards: Path) -> None:
+    weights, spec = save_tiny_net(tmp_path)
+    out = tmp_path / "run"
+    args = [ADVDIT, "train", *tiny_overrides(out, tiny_shards), *SETTINGS, "eval.fid_every=2",
+            "eval.fid_samples=4000", "eval.batch_size=10", f"eval.reference={tiny_shards}",
+            f"eval.inception_weights={weights}", f"eval.feature_net={spec}",
+            f"eval.cache_dir={tmp_path / 'cache'}", "sample.steps=100"]
+    done, seconds = signal_during_evaluation(out, args)
+    assert_checkpointed_at_step_2(out, done)
+    assert "FID at step 2 abandoned" in done.stderr
+    assert not (out / "fid.jsonl").exists()
+    rounds = re.search(r"after (\d+) of (\d+) rounds", done.stderr).groups()
+    print(f"\nSIGUSR1 1 s into a 4000-sample FID: checkpoint and exit 75 after {seconds:.1f} s, "
+          f"{rounds[0]} of {rounds[1]} rounds of batches drawn")

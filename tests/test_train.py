@@ -74,7 +74,8 @@ def test_incomplete_and_corrupt_checkpoints_are_skipped(six_steps, tmp_path: Pat
     assert result.checkpoint == root / "step_00000006"
     assert result.step == 6
     assert "ignoring incomplete checkpoint" in caplog.text and "step_00000009" in caplog.text
-    assert "step_00000008 could not be loaded" in caplog.text
+    assert "step_00000008 cannot be used" in caplog.text
+    assert "model.safetensors (checksum differs)" in caplog.text
 
 
 def test_changed_config_is_refused_unless_allowed(six_steps, tmp_path: Path, tiny_shards: Path) -> None:

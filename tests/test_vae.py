@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from advdit.models.vae import LATENT_SCALE, PixelCodec, load_codec, random_sd_vae_codec
 from advdit.trainer.loop import train
@@ -42,8 +43,8 @@ def test_training_in_latent_space(tiny_vae_dir: Path, tmp_path: Path, tiny_shard
                       "train.steps=3", "train.ckpt_every=3", "train.sample_every=3")
     result = train(cfg, progress=False)
     assert result.step == 3 and all(r["loss"] > 0 for r in result.history)
-    state = torch.load(result.checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
-    assert state["model"]["x_embedder.proj.weight"].shape[1] == 4  # the DiT saw 4 latent channels
+    ema = load_file(result.checkpoint / "ema.safetensors")
+    assert ema["x_embedder.proj.weight"].shape[1] == 4  # the DiT saw 4 latent channels
     assert result.grid is not None and result.grid.is_file()
 
 

@@ -1,69 +1,115 @@
-"""Checkpoints: everything a restart needs, written atomically, the last K kept.
+"""Checkpoints: everything a restart needs, written atomically, verified when read, the last K kept.
 
 Layout under ``<output_dir>/checkpoints``::
 
-    step_00001000/          one complete checkpoint (accelerate's save_state files + meta.json)
-    step_00002000.tmp/      being written; never read
+    step_00001000/          one complete checkpoint
+        model.safetensors | pytorch_model/   the denoiser, its optimizer and LR schedule (accelerate)
+        <adversary>/        each adversary with its optimizer, saved by its own Accelerator
+        ema.safetensors     the EMA weights; decay, warmup and update count in its metadata
+        meta.json           written last: config, counters, the objective's state, SHA-256 per file
+    step_00002000.tmp/      being written; never read, removed at the next start
     latest                  text file naming the newest complete checkpoint
 
-Every rank writes into ``step_N.tmp``; after a barrier the main process adds ``meta.json`` (step,
-config, MLflow run id) and renames the folder, then moves ``latest``. A checkpoint is complete
-exactly when a ``step_N`` folder with ``meta.json`` exists, so a crash at any moment leaves the
-previous checkpoint usable. ``--resume auto`` takes the newest complete one and, if loading it
-fails, warns and falls back to the one before.
+Every rank writes into ``step_N.tmp``; after a barrier the ranks hash the files, the main process
+writes ``meta.json`` and renames the folder, then moves ``latest``. A checkpoint is complete exactly
+when a ``step_N`` folder with ``meta.json`` exists, so a crash at any moment leaves the previous
+checkpoint usable. ``--resume auto`` takes the newest complete one and, if it cannot be used (an
+unreadable meta.json, a file whose checksum differs, a file that fails to load), warns and falls
+back to the one before.
+
+Nothing read from a checkpoint can run code: the EMA is safetensors, counters and the objective's
+state are JSON, and the files accelerate and DeepSpeed write with ``torch.save`` (optimizer states,
+random states, ZeRO shards) are read only inside :func:`weights_only_loads`, which holds every
+``torch.load`` to torch's weights-only unpickler (tensors, containers, numbers and a short list of
+DeepSpeed's plain record classes).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .distributed import all_ranks, merged, world
+from .ema import EMA
 
 logger = logging.getLogger(__name__)
 
 META = "meta.json"
+EMA_FILE = "ema.safetensors"
+FORMAT = 2  # 1: EMA and counters as pickles (custom_checkpoint_*.pkl), refused since they can run code
+LEGACY_PICKLES = "custom_checkpoint_*.pkl"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 # Keys that may differ between a checkpoint's config and the resuming run's without changing what
 # the run computes: its name and folder (runs get moved), how long to train, how often to log and save.
 RESUMABLE_CHANGES = {
     "run.name", "run.output_dir", "train.steps", "train.log_every", "train.ckpt_every",
     "train.keep_last", "train.sample_every", "tracking.uri", "tracking.enabled", "tracking.experiment",
+    "tracking.flush_seconds",
     # evaluation only reads the weights (and checkpoints made before the eval section lack these keys)
     "eval.fid_every", "eval.fid_samples", "eval.final_fid_samples", "eval.reference",
     "eval.inception_weights", "eval.feature_net", "eval.batch_size", "eval.cache_dir",
     # how fast the step runs, not what it computes (checkpoints made before these keys lack them)
     "model.compile", "train.tf32", "optim.fused",
 }
+# Plain record classes inside DeepSpeed's ZeRO optimizer states: an enum, a dataclass of two ints
+# and the loss scaler's attributes. The weights-only unpickler builds them without calling any code
+# of theirs beyond ``__new__`` and attribute assignment.
+DEEPSPEED_RECORDS = (
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+)
+HASH_CHUNK = 1 << 24
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used for the requested resume."""
+    """A checkpoint cannot be used for the requested resume, or cannot be written."""
 
 
 @dataclass
 class TrainState:
-    """Counters saved with every checkpoint (accelerate's custom-object protocol)."""
+    """The loop's counters, stored in every checkpoint's meta.json."""
 
     step: int = 0
     images_seen: int = 0
     corrupt_samples: int = 0
+    skipped_shards: int = 0
     mlflow_run_id: str | None = None
 
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
+            if not hasattr(self, key):
+                raise CheckpointError(f"unknown train state {key!r} in {META}")
             setattr(self, key, value)
+
+
+@dataclass
+class Checkpointed:
+    """Everything a checkpoint holds: the denoiser's Accelerator (network, optimizer, LR schedule),
+    each adversary's Accelerator by sub-folder name, the EMA, the counters, and objects with JSON
+    state (``state_dict`` of numbers and lists; a Diffusion-GAN's T controller)."""
+
+    accelerator: Accelerator
+    parts: dict[str, Accelerator]
+    ema: EMA
+    state: TrainState
+    objects: list[Any] = field(default_factory=list)
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -85,38 +131,206 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    return json.loads((path / META).read_text())
+    """A checkpoint's meta.json; a CheckpointError names the file when it is not a JSON object."""
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path / META} is unreadable ({err})") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise CheckpointError(f"{path / META} holds no checkpoint record (a JSON object with a step)")
+    return meta
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, meta: dict[str, Any],
-                    parts: dict[str, Accelerator], keep_last: int) -> Path:
+def remove_stale_tmp(output_dir: str | Path) -> None:
+    """Remove ``step_N.tmp`` folders that a crash or a full disk left behind (with a warning)."""
+    for stale in sorted(checkpoint_dir(output_dir).glob("step_*.tmp")):
+        logger.warning("removing %s, left by a run that stopped while writing it", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- safe reading
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Hold every ``torch.load`` in the block to the weights-only unpickler, whatever its caller
+    asks for: accelerate reads custom objects and DeepSpeed reads its shards with
+    ``weights_only=False``, which would run any code a crafted file carries."""
+    import importlib
+
+    original = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    allowed = []
+    for module, name in DEEPSPEED_RECORDS:
+        try:
+            allowed.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another DeepSpeed version, or none installed
+            continue
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        torch.load = original
+
+
+def load_ema(ema: EMA, path: Path) -> None:
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+        ema.load_state_dict({"decay": float(metadata["decay"]), "warmup": metadata["warmup"] == "true",
+                             "updates": int(metadata["updates"]), "model": tensors})
+    except (OSError, SafetensorError, KeyError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path} is not a readable EMA file ({err})") from err
+
+
+def save_ema(ema: EMA, path: Path) -> None:
+    state = ema.state_dict()
+    # safetensors refuses shared or non-contiguous storage: store plain contiguous copies.
+    tensors = {name: tensor.detach().contiguous().clone().cpu() for name, tensor in state["model"].items()}
+    metadata = {"decay": repr(state["decay"]), "warmup": "true" if state["warmup"] else "false",
+                "updates": str(state["updates"])}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def json_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A state dict of numbers and tensors as JSON values (tensors become nested lists)."""
+    return {key: value.tolist() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
+
+
+# ---------------------------------------------------------------------------------- checksums
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` (but meta.json), by relative path; each rank hashes
+    every world-th file, so a large sharded checkpoint is read once, spread over the ranks."""
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != META)
+    rank, size = world()
+    return merged({name: file_sha256(folder / name) for name in files[rank::size]})
+
+
+def verify_checksums(folder: Path, expected: dict[str, str]) -> list[str]:
+    """Files of ``folder`` that are missing or differ from ``expected`` (the same list on every rank)."""
+    rank, size = world()
+    names = sorted(expected)
+    bad = {}
+    for name in names[rank::size]:
+        path = folder / name
+        if not path.is_file():
+            bad[name] = "missing"
+        elif file_sha256(path) != expected[name]:
+            bad[name] = "checksum differs"
+    return [f"{name} ({why})" for name, why in sorted(merged(bad).items())]
+
+
+# ---------------------------------------------------------------------------------- writing
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _disk_full(folder: Path, needed: int, last_good: Path | None) -> CheckpointError:
+    free = shutil.disk_usage(folder).free if folder.exists() else 0
+    kept = f"the last good checkpoint {last_good.name} is kept" if last_good else "no checkpoint was kept"
+    return CheckpointError(
+        f"disk full: a checkpoint needs about {needed / 2**20:.1f} MiB ({needed} bytes) in {folder}, "
+        f"{free / 2**20:.1f} MiB are free; {kept}. Free space there or set run.output_dir elsewhere"
+    )
+
+
+def save_checkpoint(content: Checkpointed, output_dir: str | Path, step: int, meta: dict[str, Any],
+                    keep_last: int, estimate: int) -> Path:
     """Write a checkpoint on every rank; returns its final path once it is complete.
 
-    ``parts`` are further Accelerators (the adversaries'), each saved in a sub-folder of its name.
-    """
+    ``estimate`` is the bytes a checkpoint takes when no earlier one tells: a full disk is reported
+    before anything is written (and a write that still fails leaves the previous checkpoint)."""
+    accelerator = content.accelerator
     root = checkpoint_dir(output_dir)
     final = root / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
+    existing = complete_checkpoints(root) if accelerator.is_main_process else []
+    last_good = existing[0] if existing else None
+    needed = folder_bytes(last_good) if last_good else estimate
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash while writing this step before
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    for name, part in parts.items():
-        part.save_state(str(tmp / name))
-    accelerator.wait_for_everyone()
+    room = not accelerator.is_main_process or shutil.disk_usage(root).free >= needed
+    if not all_ranks(accelerator, room):
+        raise _disk_full(root, needed, last_good)
+    failure: OSError | None = None
+    try:
+        _write_state(content, tmp)
+    except OSError as err:
+        failure = err
+    if not all_ranks(accelerator, failure is None):
+        _abandon(accelerator, tmp)
+        raise _write_error(failure, root, needed, last_good) from failure
+    files = checksums(tmp)
     if accelerator.is_main_process:
-        (tmp / META).write_text(json.dumps({**meta, "step": step, "saved_at": time.time()}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        pointer = root / "latest.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / "latest")
+        record = {**meta, "format": FORMAT, "step": step, "saved_at": time.time(),
+                  "state": asdict(content.state),
+                  "objects": [json_state(holder.state_dict()) for holder in content.objects],
+                  "files": files}
+        try:
+            (tmp / META).write_text(json.dumps(record, indent=2))
+            _publish(root, tmp, final)
+        except OSError as err:
+            failure = err
+    if not all_ranks(accelerator, failure is None):
+        _abandon(accelerator, tmp)
+        raise _write_error(failure, root, needed, last_good) from failure
+    if accelerator.is_main_process:
         for old in complete_checkpoints(root)[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
+
+def _write_state(content: Checkpointed, tmp: Path) -> None:
+    accelerator = content.accelerator
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    for name, part in content.parts.items():
+        part.save_state(str(tmp / name))
+    if accelerator.is_main_process:
+        save_ema(content.ema, tmp / EMA_FILE)
+    accelerator.wait_for_everyone()
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = root / "latest.tmp"
+    pointer.write_text(final.name + "\n")
+    os.replace(pointer, root / "latest")
+
+
+def _abandon(accelerator: Accelerator, tmp: Path) -> None:
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _write_error(err: OSError | None, root: Path, needed: int, last_good: Path | None) -> CheckpointError:
+    if err is None:  # another rank failed: it reports the cause
+        return CheckpointError(f"another process failed to write its part of a checkpoint in {root}")
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return _disk_full(root, needed, last_good)
+    return CheckpointError(f"writing a checkpoint in {root} failed: {err}")
+
+
+# ---------------------------------------------------------------------------------- resuming
 
 def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Flattened config keys whose values differ, excluding harmless ones."""
@@ -128,14 +342,49 @@ def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tu
     }
 
 
-def resume_from(accelerator: Accelerator, resume: str, output_dir: str | Path,
-                parts: dict[str, Accelerator],
+def legacy_message(path: Path) -> str:
+    return (f"checkpoint {path} stores its EMA and counters as pickles ({LEGACY_PICKLES}), which can run "
+            f"code when loaded, so advdit no longer reads it as is. Convert it once with `advdit "
+            f"checkpoint convert {path}` (it reads those files with torch's weights-only loader, which "
+            "refuses anything but tensors and plain values)")
+
+
+def check_format(path: Path, meta: dict[str, Any]) -> None:
+    """Refuse checkpoints of the pickled format (with how to convert them) and unknown formats."""
+    if meta.get("format", 1) == 1:
+        raise CheckpointError(legacy_message(path))
+    if meta["format"] != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {meta['format']}; this advdit reads format "
+                              f"{FORMAT} (a newer advdit wrote it?)")
+
+
+def load_checkpoint(content: Checkpointed, path: Path, meta: dict[str, Any]) -> None:
+    """Verify ``path`` against its checksums, then load it into ``content`` (on every rank)."""
+    bad = verify_checksums(path, meta.get("files", {}))
+    if bad:
+        raise CheckpointError(f"{len(bad)} file(s) of {path} fail their SHA-256 check: {', '.join(bad[:3])}")
+    with weights_only_loads():
+        content.accelerator.load_state(str(path))
+        for name, part in content.parts.items():
+            part.load_state(str(path / name))
+    load_ema(content.ema, path / EMA_FILE)
+    content.state.load(meta["state"])
+    objects = meta.get("objects", [])
+    if len(objects) != len(content.objects):
+        raise CheckpointError(f"{path / META} holds {len(objects)} objective state(s), this objective "
+                              f"has {len(content.objects)}")
+    for holder, state in zip(content.objects, objects, strict=True):
+        holder.load_state_dict(state)
+
+
+def resume_from(content: Checkpointed, resume: str, output_dir: str | Path,
                 check_config: Callable[[dict[str, Any]], None]) -> Path | None:
     """Load the checkpoint ``resume`` asks for; returns its path, or None for a fresh start.
 
-    ``resume`` is ``"auto"`` (newest complete checkpoint, if any), ``"none"`` (fresh start, which
+    ``resume`` is ``"auto"`` (newest usable checkpoint, if any), ``"none"`` (fresh start, which
     refuses to mix with existing checkpoints) or a checkpoint folder. ``check_config`` receives the
-    checkpoint's meta and raises if the run may not continue from it.
+    checkpoint's meta and raises if the run may not continue from it: a config that differs is a
+    decision for the user, not damage, so it is never skipped over.
     """
     root = checkpoint_dir(output_dir)
     existing = complete_checkpoints(root)
@@ -146,21 +395,96 @@ def resume_from(accelerator: Accelerator, resume: str, output_dir: str | Path,
                 "--resume auto, or choose another run.output_dir"
             )
         return None
-    candidates = existing if resume == "auto" else [Path(resume)]
-    if resume != "auto" and not (Path(resume) / META).is_file():
-        raise CheckpointError(f"--resume {resume}: not a complete checkpoint folder (no {META})")
-    for path in candidates:
-        meta = read_meta(path)
-        check_config(meta)
+    if resume != "auto":
+        if not (Path(resume) / META).is_file():
+            raise CheckpointError(f"--resume {resume}: not a complete checkpoint folder (no {META})")
+        _load_checked(content, Path(resume), check_config)
+        logger.info("resumed from %s (step %d)", resume, content.state.step)
+        return Path(resume)
+    failures = []
+    for path in existing:
         try:
-            accelerator.load_state(str(path))
-            for name, part in parts.items():
-                part.load_state(str(path / name))
-        except Exception as err:  # noqa: BLE001 - any unreadable file makes this one unusable
-            if resume != "auto":
-                raise CheckpointError(f"checkpoint {path} could not be loaded: {err}") from err
-            logger.warning("checkpoint %s could not be loaded (%s); trying an older one", path, err)
-            continue
-        logger.info("resumed from %s (step %d)", path, meta["step"])
-        return path
+            _load_checked(content, path, check_config)
+            logger.info("resumed from %s (step %d)", path, content.state.step)
+            return path
+        except _Unusable as err:
+            logger.warning("checkpoint %s cannot be used (%s); trying an older one", path, err.reason)
+            failures.append(f"{path.name}: {err.reason}")
+    if failures:
+        raise CheckpointError(f"none of the {len(failures)} checkpoint(s) in {root} can be used "
+                              f"({'; '.join(failures)}); move them away to start afresh")
     return None
+
+
+class _Unusable(CheckpointError):
+    """A damaged checkpoint: --resume auto falls back to an older one."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"checkpoint {path} cannot be used: {reason}")
+        self.reason = reason
+
+
+def _load_checked(content: Checkpointed, path: Path, check_config: Callable[[dict[str, Any]], None]) -> None:
+    try:
+        meta = read_meta(path)
+    except CheckpointError as err:
+        raise _Unusable(path, str(err)) from err
+    check_format(path, meta)
+    check_config(meta)
+    error: Exception | None = None
+    try:
+        load_checkpoint(content, path, meta)
+    except Exception as err:  # noqa: BLE001 - any unreadable file makes this checkpoint unusable
+        error = err
+    # Every rank must make the same choice, also when only one rank's shard failed to load.
+    if not all_ranks(content.accelerator, error is None):
+        reason = (f"{type(error).__name__}: {error}".splitlines()[0] if error
+                  else "another process could not load its part")
+        raise _Unusable(path, reason) from error
+
+
+# ---------------------------------------------------------------------------------- conversion
+
+def convert_legacy(path: str | Path) -> Path:
+    """Rewrite a checkpoint of the pickled format in place: the EMA to ema.safetensors, the
+    counters and objective state into meta.json, checksums added, the pickles removed.
+
+    The pickles are read with torch's weights-only loader, so a crafted one is refused (nothing in
+    it runs) and the checkpoint is left as it was."""
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.get("format", 1) != 1:
+        raise CheckpointError(f"checkpoint {path} is already in format {meta['format']}")
+    pickles = sorted(path.glob(LEGACY_PICKLES), key=lambda p: int(re.sub(r"\D", "", p.name)))
+    if not pickles:
+        raise CheckpointError(f"checkpoint {path} holds no {LEGACY_PICKLES} to convert")
+    ema_state, state, objects = None, None, []
+    for pickle_file in pickles:
+        try:
+            value = torch.load(pickle_file, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - whatever the unpickler refuses
+            raise CheckpointError(f"{pickle_file} cannot be read safely ({str(err).splitlines()[0]}); "
+                                  "the checkpoint was left unchanged") from err
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{pickle_file} holds {type(value).__name__}, expected a state dict")
+        if {"decay", "model"} <= set(value):
+            ema_state = value
+        elif {"step", "images_seen"} <= set(value):
+            state = value
+        else:
+            objects.append(json_state(value))
+    if ema_state is None or state is None:
+        raise CheckpointError(f"checkpoint {path} lacks the EMA or the counters among {LEGACY_PICKLES}")
+    tensors = {name: t.detach().contiguous().clone() for name, t in ema_state["model"].items()}
+    save_file(tensors, str(path / EMA_FILE), metadata={
+        "decay": repr(float(ema_state["decay"])), "warmup": "true" if ema_state["warmup"] else "false",
+        "updates": str(int(ema_state["updates"]))})
+    for pickle_file in pickles:
+        pickle_file.unlink()
+    known = {key: state[key] for key in asdict(TrainState()) if key in state}
+    meta.update(format=FORMAT, state={**asdict(TrainState()), **known}, objects=objects)
+    meta["files"] = checksums(path)
+    tmp = path / (META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, path / META)
+    return path

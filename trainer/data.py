@@ -12,6 +12,9 @@ How the stream is laid out, and why it can resume exactly:
   already batched (no decoding). The whole position is therefore one number: batches consumed.
 - A sample that cannot be decoded is counted and replaced inside its batch by another sample of the
   same batch, so batch shapes and positions do not depend on decoding success.
+- A shard that cannot be read (empty, not a tar, truncated) is skipped from the damage on, named in
+  a warning and counted (``skipped_shards`` of the next batch); a stream whose shards yield no
+  sample at all in an epoch stops with a DataError naming them instead of spinning forever.
 """
 
 from __future__ import annotations
@@ -145,10 +148,23 @@ class StreamSpec:
     latent_size: int | None = None  # the expected h = w of latent shards' moments
 
 
+class ShardError(ValueError):
+    """A shard that cannot be read on (empty, not a tar, truncated); its earlier records stand."""
+
+
 def _tar_size(field: bytes) -> int:
     if field[0] & 0x80:  # GNU base-256 for sizes beyond the octal field's range
         return int.from_bytes(field[1:], "big")
     return int(field.rstrip(b"\0 ") or b"0", 8)
+
+
+def _header_checksum_ok(header: bytes) -> bool:
+    """The tar header checksum: the byte sum with the checksum field read as spaces."""
+    try:
+        stored = int(header[148:156].rstrip(b"\0 ").strip() or b"-1", 8)
+    except ValueError:
+        return False
+    return stored == sum(header[:148]) + 8 * 32 + sum(header[156:])
 
 
 def _pax_path(body: bytes) -> str | None:
@@ -161,8 +177,30 @@ def _pax_path(body: bytes) -> str | None:
     return None
 
 
+def _member_header(data: memoryview, offset: int, path: str) -> tuple[bytes, int] | None:
+    """(header, body size) of the member at ``offset``; None at the end of the archive."""
+    if offset == len(data) and offset:
+        return None  # ends after a complete member, without the end-of-archive blocks
+    if offset + 512 > len(data):
+        what = f"is truncated at byte {len(data)} (inside a header)" if len(data) else "is empty (0 bytes)"
+        raise ShardError(f"{path} {what}")
+    header = bytes(data[offset:offset + 512])
+    if not header.strip(b"\0"):
+        return None  # the end-of-archive blocks
+    if not _header_checksum_ok(header):
+        raise ShardError(f"{path} has no valid tar header at byte {offset} (not a tar file, or damaged)")
+    try:
+        size = _tar_size(header[124:136])
+    except ValueError as err:
+        raise ShardError(f"{path}: the tar header at byte {offset} has a non-octal size field") from err
+    if offset + 512 + size > len(data):
+        raise ShardError(f"{path} is truncated at byte {len(data)} (inside a member of {size} bytes)")
+    return header, size
+
+
 def tar_members(path: str) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the regular files of a tar archive, in order.
+    """(name, bytes) of the regular files of a tar archive, in order; a ShardError where it cannot
+    be read on (the members before it are yielded).
 
     A reader of its own rather than ``tarfile``: it parses the 512-byte headers of a file read at
     once, several times faster per member, which is what keeps small-member shards (latents)
@@ -170,11 +208,9 @@ def tar_members(path: str) -> Iterator[tuple[str, bytes]]:
     """
     data = memoryview(Path(path).read_bytes())
     offset, long_name = 0, None
-    while offset + 512 <= len(data):
-        header = bytes(data[offset:offset + 512])
-        if not header.strip(b"\0"):
-            return  # the end-of-archive blocks
-        size, kind = _tar_size(header[124:136]), header[156:157]
+    while (found := _member_header(data, offset, path)) is not None:
+        header, size = found
+        kind = header[156:157]
         body = data[offset + 512:offset + 512 + size]
         offset += 512 + (size + 511) // 512 * 512
         if kind == b"x":
@@ -188,26 +224,33 @@ def tar_members(path: str) -> Iterator[tuple[str, bytes]]:
             long_name = None
 
 
-def iter_records(paths: list[str]) -> Iterator[dict[str, Any]]:
+def iter_records(paths: list[str], skipped: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples (dicts of bytes keyed by extension, plus ``__key__`` and ``__url__``).
 
     Members sharing a key (the name up to the first dot of its last component, as webdataset
-    groups them) and standing next to each other form one sample.
+    groups them) and standing next to each other form one sample. A shard that cannot be read (on)
+    is named in a warning and in ``skipped``; its readable records before the damage are kept.
     """
     for path in paths:
         record: dict[str, Any] = {}
-        for name, payload in tar_members(path):
-            folder, _, base = name.rpartition("/")
-            stem, dot, extension = base.partition(".")
-            if not dot or stem.startswith("__"):
-                continue  # no extension, or webdataset's metadata members
-            key = f"{folder}/{stem}" if folder else stem
-            if record and record["__key__"] != key:
-                yield record
-                record = {}
-            if not record:
-                record = {"__key__": key, "__url__": path}
-            record[extension.lower()] = payload
+        try:
+            for name, payload in tar_members(path):
+                folder, _, base = name.rpartition("/")
+                stem, dot, extension = base.partition(".")
+                if not dot or stem.startswith("__"):
+                    continue  # no extension, or webdataset's metadata members
+                key = f"{folder}/{stem}" if folder else stem
+                if record and record["__key__"] != key:
+                    yield record
+                    record = {}
+                if not record:
+                    record = {"__key__": key, "__url__": path}
+                record[extension.lower()] = payload
+        except (ShardError, OSError, UnicodeDecodeError) as err:
+            logger.warning("skipping unreadable shard data: %s", err)
+            if skipped is not None:
+                skipped.append(str(err))
+            continue  # the record being assembled may be incomplete: dropped
         if record:
             yield record
 
@@ -226,18 +269,29 @@ def shuffled(records: Iterator[dict[str, Any]], buffer_size: int, rng: random.Ra
     yield from buffer
 
 
-def raw_batches(spec: StreamSpec, stream_id: int) -> Iterator[list[dict[str, Any]]]:
-    """Endless lists of ``batch_size`` raw records of one logical stream, epoch after epoch."""
+def raw_batches(spec: StreamSpec, stream_id: int) -> Iterator[tuple[list[dict[str, Any]], int]]:
+    """Endless (``batch_size`` raw records, shards skipped since the last batch) of one logical
+    stream, epoch after epoch. An epoch without a single readable record is a DataError: the
+    stream would otherwise spin forever."""
     pending: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    reported = 0
     for epoch in range(1 << 62):
         rng = random.Random(_stream_seed(spec.seed, stream_id, epoch))
         order = list(spec.shards)
         rng.shuffle(order)
-        for record in shuffled(iter_records(order), spec.shuffle_buffer, rng):
+        records = 0
+        for record in shuffled(iter_records(order, skipped), spec.shuffle_buffer, rng):
+            records += 1
             pending.append(record)
             if len(pending) == spec.batch_size:
-                yield pending
+                yield pending, len(skipped) - reported
+                reported = len(skipped)
                 pending = []
+        if not records:
+            reasons = "; ".join(skipped[-len(order):]) or "no samples in them"
+            raise DataError(f"shards {', '.join(order)} yield no readable sample ({reasons}); "
+                            "rewrite or remove them")
 
 
 def collate(spec: StreamSpec, records: list[dict[str, Any]], flip_seed: int) -> dict[str, Any]:
@@ -313,10 +367,24 @@ class ShardStream(IterableDataset):
         spec = dataclasses.replace(self.spec, shards=self.spec.shards[stream_id :: self.total_streams])
         # Batches this stream handed out before the restart: k < start_batch with k % W == local.
         already = max(0, -(-(self.start_batch - local) // self.streams_per_rank))
-        for index, records in enumerate(raw_batches(spec, stream_id)):
+        for index, (records, skipped) in enumerate(raw_batches(spec, stream_id)):
             if index < already:
                 continue
-            yield collate(spec, records, _stream_seed(self.spec.seed, stream_id, index, 1))
+            batch = collate(spec, records, _stream_seed(self.spec.seed, stream_id, index, 1))
+            batch["skipped_shards"] = skipped
+            yield batch
+
+
+def next_batch(batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    """The loader's next batch. A DataError raised in a loader worker comes back with the worker's
+    traceback folded into its message: keep the message the worker raised."""
+    try:
+        return next(batches)
+    except DataError as err:
+        text = str(err)
+        if "Traceback" not in text:
+            raise
+        raise DataError(text.rstrip().rpartition("DataError: ")[2]) from None
 
 
 def build_loader(spec: StreamSpec, rank: int, world_size: int, num_workers: int,

@@ -33,6 +33,7 @@ from ..models.diffusion import Generators, build_diffusion
 from ..models.vae import PixelCodec, SDVAECodec, load_codec
 from .checkpoint import META, CheckpointError, read_meta
 from .config import Config, ConfigError, load_config, unflatten
+from .distributed import world
 from .engines import make_accelerator
 from .export import ema_state, raw_state
 from .fid import (
@@ -47,7 +48,6 @@ from .fid import (
     metric_name,
     rank_batches,
     score,
-    world,
     write_npz_images,
 )
 from .objectives import Denoiser, DiffusionObjective, build_denoiser, objective_class
@@ -55,6 +55,10 @@ from .objectives import Denoiser, DiffusionObjective, build_denoiser, objective_
 logger = logging.getLogger(__name__)
 
 Autocast = Callable[[], AbstractContextManager[Any]]
+
+
+class EvaluationInterrupted(RuntimeError):
+    """A preemption signal arrived while a sample set was drawn; the set was abandoned."""
 
 
 def grid_labels(cfg: Config) -> list[int]:
@@ -111,15 +115,21 @@ def save_grid(images: torch.Tensor, columns: int, path: str | Path, scale: int =
 
 
 def sample_grid(model: nn.Module, objective: DiffusionObjective, cfg: Config,
-                codec: PixelCodec | SDVAECodec, device: torch.device, path: str | Path) -> Path:
-    """A grid with one column per class and ``sample.grid_rows`` rows; the same seed every time,
-    so grids of successive steps show the same noise developing."""
+                codec: PixelCodec | SDVAECodec, device: torch.device, path: str | Path,
+                should_stop: Callable[[], bool] | None = None) -> Path:
+    """A grid with one column per class and ``sample.grid_rows`` rows; the same seeds every time,
+    so grids of successive steps show the same noise developing. Drawn row by row: when
+    ``should_stop`` answers True between rows, the grid is abandoned (EvaluationInterrupted)."""
     classes = grid_labels(cfg)
-    labels = torch.tensor(classes * cfg.sample.grid_rows, device=device)
-    generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
-    images = sample_images(model, objective, codec, labels, generator)
+    labels = torch.tensor(classes, device=device)
+    rows = []
+    for row in range(cfg.sample.grid_rows):
+        if should_stop is not None and should_stop():
+            raise EvaluationInterrupted(f"stopped by a signal after {row} of {cfg.sample.grid_rows} rows")
+        generator = torch.Generator(device=device).manual_seed(cfg.run.seed + row)
+        rows.append(sample_images(model, objective, codec, labels, generator))
     scale = max(1, 128 // cfg.data.image_size)
-    return save_grid(images, len(classes), path, scale=scale)
+    return save_grid(torch.cat(rows), len(classes), path, scale=scale)
 
 
 # --------------------------------------------------------------------------- sample sets
@@ -165,13 +175,23 @@ class Sampler:
     codec: PixelCodec | SDVAECodec
     device: torch.device
     autocast: Autocast = nullcontext
+    # Asked before each round of batches, on every rank at once (it may be a collective): True
+    # abandons the set with EvaluationInterrupted.
+    should_stop: Callable[[], bool] | None = None
 
     def batches(self, labels: np.ndarray, seed: int, batch_size: int,
                 progress: bool = False) -> Iterator[tuple[range, torch.Tensor]]:
         """(sample numbers, uint8 (N, 3, H, W) images on the device) of this rank's batches."""
         rank, world_size = world()
         batches = rank_batches(len(labels), batch_size, rank, world_size)
-        for batch in tqdm(batches, desc="sample", unit="batch", disable=not (progress and rank == 0)):
+        # Ranks hold one batch more or less; every rank asks should_stop the busiest rank's times.
+        rounds = math.ceil(math.ceil(len(labels) / batch_size) / world_size)
+        for index in tqdm(range(rounds), desc="sample", unit="batch", disable=not (progress and rank == 0)):
+            if self.should_stop is not None and self.should_stop():
+                raise EvaluationInterrupted(f"sampling stopped by a signal after {index} of {rounds} rounds")
+            if index >= len(batches):
+                continue
+            batch = batches[index]
             y = torch.as_tensor(labels[batch.start:batch.stop], device=self.device)
             images = sample_images(self.model, self.objective, self.codec, y,
                                    image_generators(seed, batch, self.device), self.autocast)

@@ -1,12 +1,14 @@
 """Consolidate a checkpoint's denoiser weights into one safetensors file, whatever the strategy.
 
-- ``ema`` (default): the EMA weights, saved in full as a custom object of the checkpoint (under
-  ZeRO-3 the ranks' EMA slices are gathered before every checkpoint).
+- ``ema`` (default): the EMA weights, ``ema.safetensors`` of the checkpoint (under ZeRO-3 the
+  ranks' EMA slices are gathered before every checkpoint).
 - ``raw``: the trained weights; under ZeRO the per-rank shards are merged with DeepSpeed's
-  ``get_fp32_state_dict_from_zero_checkpoint``, under DDP they are read from ``model.safetensors``.
+  ``get_fp32_state_dict_from_zero_checkpoint`` (reading them through the weights-only loader),
+  under DDP they are read from ``model.safetensors``.
 
-The file's metadata holds the run's resolved config (``advdit_config``, JSON), so sampling can
-rebuild the network without the original YAML.
+Every file is checked against the SHA-256 that meta.json records before it is read. The output's
+metadata holds the run's resolved config (``advdit_config``, JSON), so sampling can rebuild the
+network without the original YAML.
 """
 
 from __future__ import annotations
@@ -15,38 +17,72 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import META, CheckpointError, read_meta
+from .checkpoint import (
+    EMA_FILE,
+    META,
+    CheckpointError,
+    check_format,
+    read_meta,
+    verify_checksums,
+    weights_only_loads,
+)
 
 DEEPSPEED_TAG = "pytorch_model"  # the sub-folder accelerate gives the first DeepSpeed engine
 
 
+def verified_meta(checkpoint: Path, prefix: str = "") -> dict:
+    """meta.json of a complete checkpoint of the current format whose files under ``prefix`` (a
+    file name or folder; all by default) match their checksums."""
+    if not (checkpoint / META).is_file():
+        raise CheckpointError(f"{checkpoint} is not a complete checkpoint folder (no {META})")
+    meta = read_meta(checkpoint)
+    check_format(checkpoint, meta)
+    wanted = {name: digest for name, digest in meta.get("files", {}).items() if name.startswith(prefix)}
+    bad = verify_checksums(checkpoint, wanted)
+    if bad:
+        raise CheckpointError(f"{len(bad)} file(s) of {checkpoint} fail their SHA-256 check: "
+                              f"{', '.join(bad[:3])}")
+    return meta
+
+
+def _safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from err
+
+
 def ema_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The EMA's state dict, found among the checkpoint's custom objects by its keys."""
-    for path in sorted(checkpoint.glob("custom_checkpoint_*.pkl")):
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if isinstance(state, dict) and {"decay", "model"} <= set(state):
-            return state["model"]
-    raise CheckpointError(f"{checkpoint} holds no EMA state (custom_checkpoint_*.pkl with an EMA)")
+    """The EMA weights of a checkpoint."""
+    verified_meta(checkpoint, EMA_FILE)
+    return _safetensors(checkpoint / EMA_FILE)
 
 
 def raw_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    if (checkpoint / DEEPSPEED_TAG).is_dir():
+    """The trained weights of a checkpoint, consolidated from ZeRO shards when sharded."""
+    sharded = (checkpoint / DEEPSPEED_TAG).is_dir()
+    verified_meta(checkpoint, DEEPSPEED_TAG if sharded else "model.safetensors")
+    if sharded:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
+        try:
+            with weights_only_loads():
+                return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
+        except Exception as err:  # noqa: BLE001 - DeepSpeed and the unpickler raise many types
+            raise CheckpointError(f"the ZeRO shards of {checkpoint} cannot be read "
+                                  f"({str(err).splitlines()[0]})") from err
     weights = checkpoint / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{checkpoint} holds neither {DEEPSPEED_TAG}/ (ZeRO) nor model.safetensors")
-    return load_file(weights)
+    return _safetensors(weights)
 
 
 def export_weights(checkpoint: str | Path, out: str | Path, weights: str = "ema") -> Path:
     """Write ``weights`` ('ema' or 'raw') of ``checkpoint`` to the safetensors file ``out``."""
     checkpoint = Path(checkpoint)
-    if not (checkpoint / META).is_file():
-        raise CheckpointError(f"{checkpoint} is not a complete checkpoint folder (no {META})")
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     state = ema_state(checkpoint) if weights == "ema" else raw_state(checkpoint)
@@ -58,4 +94,3 @@ def export_weights(checkpoint: str | Path, out: str | Path, weights: str = "ema"
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata=metadata)
     return out
-

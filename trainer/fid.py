@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .data import DataError, check_manifest, decode_sample, iter_records, resolve_shards
+from .distributed import world
 
 logger = logging.getLogger(__name__)
 
@@ -181,13 +182,6 @@ def load_feature_net(weights: str | Path | None, spec: FeatureSpec = INCEPTION_V
 
 
 # --------------------------------------------------------------------------- statistics
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
 
 class FeatureStats:
     """Float64 running sums of pool features (for mu and sigma) and of the softmax of the logits

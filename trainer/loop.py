@@ -7,6 +7,7 @@ import logging
 import math
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,18 +19,22 @@ from tqdm import tqdm
 from ..models.diffusion import build_diffusion
 from ..models.vae import load_codec
 from .checkpoint import (
+    Checkpointed,
     CheckpointError,
     TrainState,
     changed_keys,
     checkpoint_dir,
+    complete_checkpoints,
+    remove_stale_tmp,
     resume_from,
     save_checkpoint,
 )
 from .config import Config, config_hash, dump_yaml, flatten
-from .data import StreamSpec, build_loader, check_manifest, normalize_images, resolve_shards
+from .data import StreamSpec, build_loader, check_manifest, next_batch, normalize_images, resolve_shards
+from .distributed import all_ranks
 from .ema import EMA
 from .engines import make_accelerator
-from .evaluate import Sampler, TrainingFID, sample_grid
+from .evaluate import EvaluationInterrupted, Sampler, TrainingFID, sample_grid
 from .objectives import (
     VAE_STREAM,
     Denoiser,
@@ -39,7 +44,8 @@ from .objectives import (
     step_generator,
 )
 from .preemption import PreemptionGuard
-from .tracking import MlflowTracker, check_reachable, resolve_uri
+from .runlock import RunLock, RunLockedError
+from .tracking import BackgroundTracker, JsonLines, MlflowTracker, check_reachable, resolve_uri, unsent_rows
 
 logger = logging.getLogger(__name__)
 
@@ -85,38 +91,62 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB
 
 
+# Bytes a checkpoint takes per trained parameter, for the free-space check before the first one:
+# fp32 weights, the EMA, Adam's two moments and ZeRO's fp32 master copy.
+CHECKPOINT_BYTES_PER_PARAM = 20
+
+
 class MetricWindow:
     """Per-metric sums since the last log (a metric may be reported only on some steps, e.g. a
-    lazy R1), and the images and time of the window for images/s."""
+    lazy R1), and the images and time of the window for images/s. The sums stay on the device:
+    a non-finite loss or gradient norm makes its sum non-finite, which the log and the checkpoint
+    read, so finiteness is checked every step without a host sync per step."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.images = 0
         self.corrupt = 0  # corrupt samples this rank skipped in the window
+        self.skipped_shards = 0  # unreadable shards this rank's loader skipped in the window
         self.start = time.perf_counter()
 
-    def add(self, metrics: dict[str, torch.Tensor], images: int, corrupt: int) -> None:
+    def add(self, metrics: dict[str, torch.Tensor], images: int, batch: dict[str, Any]) -> None:
         for key, value in metrics.items():
             self.sums[key] = self.sums.get(key, 0) + value
             self.counts[key] = self.counts.get(key, 0) + 1
         self.images += images
-        self.corrupt += corrupt
+        self.corrupt += batch["corrupt"]
+        self.skipped_shards += batch.get("skipped_shards", 0)
 
-    def reduce(self, accelerator: Accelerator) -> tuple[dict[str, float], int]:
-        """(window means, corrupt samples) over all ranks: the one host-device sync and collective
-        of a logging interval."""
+    def finite(self) -> torch.Tensor:
+        """Whether every sum is finite, as a device tensor (no sync)."""
+        sums = [torch.as_tensor(value).float().reshape(1) for value in self.sums.values()]
+        return torch.cat(sums).isfinite().all() if sums else torch.tensor(True)
+
+    def reduce(self, accelerator: Accelerator) -> tuple[dict[str, float], int, int]:
+        """(window means, corrupt samples, skipped shards) over all ranks: the one host-device sync
+        and collective of a logging interval."""
         keys = sorted(self.sums)
         local = [torch.as_tensor(self.sums[key], dtype=torch.float32, device=accelerator.device)
                  / self.counts[key] for key in keys]
-        # Carried as a mean like the rest; times the world size it is the sum over ranks.
-        local.append(torch.tensor(float(self.corrupt), device=accelerator.device))
+        # Carried as means like the rest; times the world size they are sums over ranks.
+        local += [torch.tensor(float(self.corrupt), device=accelerator.device),
+                  torch.tensor(float(self.skipped_shards), device=accelerator.device)]
         values = accelerator.reduce(torch.stack(local), reduction="mean").tolist()
+        skipped = round(values.pop() * accelerator.num_processes)
         corrupt = round(values.pop() * accelerator.num_processes)
-        return dict(zip(keys, values, strict=True)), corrupt
+        return dict(zip(keys, values, strict=True)), corrupt, skipped
 
     def images_per_sec(self) -> float:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+
+def parameters_finite(modules: list[torch.nn.Module]) -> torch.Tensor:
+    """Whether every parameter of ``modules`` is finite (this rank's ZeRO-3 slices where
+    partitioned), as a device tensor."""
+    flags = [torch.isfinite(getattr(p, "ds_tensor", p)).all()
+             for module in modules for p in module.parameters()]
+    return torch.stack(flags).all() if flags else torch.tensor(True)
 
 
 class Trainer:
@@ -131,11 +161,14 @@ class Trainer:
         self.output_dir = Path(cfg.run.output_dir)
         self.accelerator = make_accelerator(cfg)
         self.state = TrainState()
-        self.tracker: MlflowTracker | None = None
+        self.tracker: BackgroundTracker | None = None
         self.preemption = PreemptionGuard(self.accelerator)
         self.fid: TrainingFID | None = None
         self.config_changes: dict[str, tuple[Any, Any]] = {}
         self.history: list[dict[str, float]] = []
+        self.metrics_log = JsonLines(self.output_dir / "metrics.jsonl")
+        self.fid_log = JsonLines(self.output_dir / "fid.jsonl")
+        self.last_checkpoint_step = -1
 
     # ------------------------------------------------------------------ set-up
     def _check_inputs(self) -> list[str]:
@@ -173,8 +206,13 @@ class Trainer:
         denoiser = Denoiser(self.model, self.optimizer, self.scheduler, diffusion, self.codec.channels,
                             latent_size)
         self.objective = objective_class(cfg.objective)(cfg, accelerator, denoiser)
-        accelerator.register_for_checkpointing(self.ema, self.state, *self.objective.checkpoint_objects())
         self.num_params = sum(p.numel() for p in model.parameters())
+        adversaries = self.objective.adversaries()
+        self.checkpointed = Checkpointed(
+            accelerator, {name: adversary.accelerator for name, adversary in adversaries.items()},
+            self.ema, self.state, self.objective.checkpoint_objects())
+        adversary_params = sum(p.numel() for a in adversaries.values() for p in a.net.parameters())
+        self.checkpoint_estimate = CHECKPOINT_BYTES_PER_PARAM * (self.num_params + adversary_params)
 
     def _check_resumed_config(self, meta: dict[str, Any]) -> None:
         saved_world = meta.get("world_size", self.accelerator.num_processes)
@@ -196,27 +234,40 @@ class Trainer:
         self.config_changes = changes
 
     def _open_tracker(self) -> None:
+        """The MLflow run (checked now: a wrong store fails before training), then a background
+        sender; a resumed run first sends the rows of its logs that MLflow lacks."""
         cfg = self.cfg
         if not (cfg.tracking.enabled and self.accelerator.is_main_process):
             return
         uri = resolve_uri(cfg.tracking.uri, self.output_dir)
-        self.tracker = MlflowTracker.open(uri, cfg.tracking.experiment, cfg.run.name,
-                                          self.output_dir, resume_run_id=self.state.mlflow_run_id)
+        tracker = MlflowTracker.open(uri, cfg.tracking.experiment, cfg.run.name, self.output_dir,
+                                     resume_run_id=self.state.mlflow_run_id)
+        self.tracker = BackgroundTracker(tracker, cfg.tracking.flush_seconds)
         if self.state.mlflow_run_id is None:
-            self.state.mlflow_run_id = self.tracker.run_id
-            self.tracker.log_params(flatten(cfg))
-            self.tracker.log_params({"model.num_params": self.num_params,
-                                     "world_size": self.accelerator.num_processes})
-            self.tracker.log_artifact(self.output_dir / "config.yaml")
+            self.state.mlflow_run_id = tracker.run_id
+            tracker.log_params(flatten(cfg))
+            tracker.log_params({"model.num_params": self.num_params,
+                                "world_size": self.accelerator.num_processes})
+            tracker.log_artifact(self.output_dir / "config.yaml")
+        else:
+            for series, log in (("metrics", self.metrics_log), ("fid", self.fid_log)):
+                missing, held = unsent_rows(tracker, log.rows())
+                self.tracker.sent_through[series] = held
+                for row in missing:
+                    values = {key: value for key, value in row.items() if key != "step"}
+                    self.tracker.log_metrics(values, row["step"], series)
+                if missing:
+                    logger.info("sending MLflow the %d %s row(s) it lacks", len(missing), series)
         if self.config_changes:
             listing = {key: f"{old!r} -> {new!r}" for key, (old, new) in self.config_changes.items()}
             self.tracker.set_tag(f"config_changes_at_step_{self.state.step}", json.dumps(listing))
 
     # ------------------------------------------------------------------ steps
     def _log(self, window: MetricWindow, bar: tqdm | None) -> None:
-        metrics, corrupt = window.reduce(self.accelerator)
-        # The same total on every rank, so rank 0's checkpoint restores every rank's count.
+        metrics, corrupt, skipped = window.reduce(self.accelerator)
+        # The same totals on every rank, so rank 0's checkpoint restores every rank's counts.
         self.state.corrupt_samples += corrupt
+        self.state.skipped_shards += skipped
         bad = [key for key, value in metrics.items() if not math.isfinite(value)]
         if bad:
             raise FloatingPointError(
@@ -228,29 +279,40 @@ class Trainer:
             "images_per_sec": window.images_per_sec(),
             "images_seen": self.state.images_seen,
             "data/corrupt_samples": self.state.corrupt_samples,
+            "data/skipped_shards": self.state.skipped_shards,
             "memory/peak_gb": peak_memory_gb(self.accelerator.device),
         })
         if self.accelerator.is_main_process:
             self.history.append({"step": self.state.step, **metrics})
-            with (self.output_dir / "metrics.jsonl").open("a") as handle:
-                handle.write(json.dumps({"step": self.state.step, **metrics}) + "\n")
+            self.metrics_log.append({"step": self.state.step, **metrics})
             if self.tracker:
                 self.tracker.log_metrics(metrics, self.state.step)
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                                 img_s=f"{metrics['images_per_sec']:.1f}")
 
-    def _parts(self) -> dict[str, Accelerator]:
-        """Checkpoint sub-folders: each adversary is saved by its own Accelerator."""
-        return {name: adversary.accelerator for name, adversary in self.objective.adversaries().items()}
+    def _check_finite(self, window: MetricWindow) -> None:
+        """Refuse to checkpoint non-finite weights: a loss or gradient norm of the window, or a
+        parameter of the denoiser or its EMA, on any rank (one sync, at checkpoint time)."""
+        finite = window.finite().to(self.accelerator.device) & parameters_finite(
+            [self.accelerator.unwrap_model(self.model), self.ema.model])
+        if not all_ranks(self.accelerator, bool(finite.item())):
+            kept = complete_checkpoints(checkpoint_dir(self.output_dir))
+            where = f"the last good checkpoint, {kept[0]}, is kept" if kept else "none was written before"
+            raise FloatingPointError(
+                f"non-finite weights, loss or gradient norm at step {self.state.step}: no checkpoint "
+                f"is written from them; {where} (lower optim.lr?)"
+            )
 
-    def _checkpoint(self) -> Path:
+    def _checkpoint(self, window: MetricWindow) -> Path:
+        self.ema.gather()
+        self._check_finite(window)
         meta = {"config": flatten(self.cfg), "config_hash": config_hash(self.cfg),
                 "mlflow_run_id": self.state.mlflow_run_id, "images_seen": self.state.images_seen,
                 "world_size": self.accelerator.num_processes, "stopped_by": self.preemption.stopped_by}
-        self.ema.gather()
-        path = save_checkpoint(self.accelerator, self.output_dir, self.state.step, meta, self._parts(),
-                               self.cfg.train.keep_last)
+        path = save_checkpoint(self.checkpointed, self.output_dir, self.state.step, meta,
+                               self.cfg.train.keep_last, self.checkpoint_estimate)
+        self.last_checkpoint_step = self.state.step
         logger.info("checkpoint %s", path)
         return path
 
@@ -259,38 +321,69 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return None
         path = self.output_dir / "samples" / f"step_{self.state.step:08d}.png"
-        sample_grid(self.ema.model, self.objective, self.cfg, self.codec, self.accelerator.device, path)
+        # Between rows the main process looks at its own signal flag (a collective would need
+        # every rank); the ranks agree on stopping right after the evaluation.
+        try:
+            path = sample_grid(self.ema.model, self.objective, self.cfg, self.codec, self.accelerator.device,
+                               path, should_stop=lambda: bool(self.preemption.received))
+        except EvaluationInterrupted as err:
+            logger.warning("sample grid of step %d abandoned: %s", self.state.step, err)
+            return None
         if self.tracker:
             self.tracker.log_artifact(path, "samples")
         return path
 
     def _fid(self, step: int, last: bool) -> None:
-        """FID of the EMA weights when due, drawn by every rank; logged by the main process."""
+        """FID of the EMA weights when due, drawn by every rank; logged by the main process. A
+        signal stops it between rounds of batches (checked by all ranks together)."""
         if not self.fid.due(step, last):
             return
         self.ema.gather()
         sampler = Sampler(self.ema.model, self.objective, self.codec, self.accelerator.device,
-                          self.accelerator.autocast)
-        metrics = self.fid.after_step(step, last, sampler)
+                          self.accelerator.autocast, should_stop=self.preemption.should_stop)
+        try:
+            metrics = self.fid.after_step(step, last, sampler)
+        except EvaluationInterrupted as err:
+            logger.warning("FID at step %d abandoned: %s", step, err)
+            return
         if metrics and self.accelerator.is_main_process:
-            with (self.output_dir / "fid.jsonl").open("a") as handle:
-                handle.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.fid_log.append({"step": step, **metrics})
             if self.tracker:
-                self.tracker.log_metrics(metrics, step)
+                self.tracker.log_metrics(metrics, step, series="fid")
 
     def run(self) -> TrainResult:
         with self.preemption:  # SIGUSR1 / SIGTERM: checkpoint after the current step, then stop
-            return self._run()
+            shards = self._check_inputs()
+            lock = RunLock(self.output_dir) if self.accelerator.is_main_process else None
+            try:
+                self._lock(lock)
+                return self._run(shards)
+            finally:
+                if lock is not None:
+                    lock.release()
 
-    def _run(self) -> TrainResult:
+    def _lock(self, lock: RunLock | None) -> None:
+        """Take the run folder's lock on the main process; every rank learns of a refusal, so
+        none is left waiting for the main process in a collective."""
+        refused: RunLockedError | None = None
+        if lock is not None:
+            try:
+                lock.acquire()
+            except RunLockedError as err:
+                refused = err
+        if not all_ranks(self.accelerator, refused is None):
+            raise refused or RunLockedError(f"the main process could not lock {self.output_dir}")
+
+    def _run(self, shards: list[str]) -> TrainResult:
         cfg, accelerator = self.cfg, self.accelerator
-        shards = self._check_inputs()
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
+            remove_stale_tmp(self.output_dir)
         self.build()
-        resumed = resume_from(accelerator, self.resume, self.output_dir, self._parts(),
-                              self._check_resumed_config)
+        resumed = resume_from(self.checkpointed, self.resume, self.output_dir, self._check_resumed_config)
+        if accelerator.is_main_process:
+            self._truncate_logs()
         self._open_tracker()
         result = TrainResult(self.output_dir, self.state.step, self.history,
                              self.state.mlflow_run_id, checkpoint=resumed)
@@ -303,10 +396,18 @@ class Trainer:
                 result.checkpoint, result.grid = self._train(shards)
             status = "KILLED" if self.preemption.stopped else "FINISHED"
         finally:
-            if self.tracker:
+            if self.tracker:  # never raises: a tracking fault must not hide the run's own error
                 self.tracker.finish(status)
         result.step, result.preempted = self.state.step, self.preemption.stopped
         return result
+
+    def _truncate_logs(self) -> None:
+        """Rows after the resumed step belong to steps this run computes again: drop them."""
+        for log in (self.metrics_log, self.fid_log):
+            dropped = log.truncate(self.state.step)
+            if dropped:
+                logger.info("dropped %d row(s) after step %d from %s (recomputed from the checkpoint)",
+                            dropped, self.state.step, log.path)
 
     def latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """The denoiser's input: encoded images, or a posterior sample from stored moments."""
@@ -326,6 +427,50 @@ class Trainer:
         self.ema.update(self.accelerator.unwrap_model(self.model))  # under ZeRO-3 on this rank's slices
         return metrics
 
+    def _steps(self, batches: Iterator[dict[str, Any]], bar: tqdm) -> tuple[Path | None, Path | None]:
+        """Train until train.steps or a signal; returns the last checkpoint and sample grid."""
+        cfg, accelerator = self.cfg, self.accelerator
+        window = MetricWindow()
+        checkpoint = grid = None
+        self.model.train()
+        while self.state.step < cfg.train.steps:
+            batch = next_batch(batches)
+            labels = batch["labels"].to(accelerator.device, non_blocking=True)
+            metrics = self.train_step(self.latents(batch), labels)
+            self.state.step += 1
+            self.state.images_seen += len(labels) * accelerator.num_processes
+            window.add(metrics, len(labels) * accelerator.num_processes, batch)
+            bar.update(1)
+            step, last = self.state.step, self.state.step == cfg.train.steps
+            stop = not last and self.preemption.should_stop()
+            window, checkpoint = self._record(window, bar, stop, checkpoint)
+            if stop:
+                break
+            evaluated = step % cfg.train.sample_every == 0 or last
+            if evaluated:
+                grid = self._grid() or grid
+            if self.fid is not None and self.fid.due(step, last):
+                evaluated = True
+                self._fid(step, last)
+            # A signal that arrived during a grid or an FID: stop now, not after the next step.
+            if evaluated and not last and self.preemption.should_stop():
+                window, checkpoint = self._record(window, bar, True, checkpoint)
+                break
+        return checkpoint, grid
+
+    def _record(self, window: MetricWindow, bar: tqdm, stop: bool,
+                checkpoint: Path | None) -> tuple[MetricWindow, Path | None]:
+        """Log and checkpoint the current step when due, or when stopping (each once per step).
+        The log goes first: it adds the window's counts to the state the checkpoint saves."""
+        step, cfg = self.state.step, self.cfg.train
+        last = step == cfg.steps
+        if (step % cfg.log_every == 0 or last or stop) and window.counts:
+            self._log(window, bar)
+            window = MetricWindow()
+        if (step % cfg.ckpt_every == 0 or last or stop) and self.last_checkpoint_step != step:
+            checkpoint = self._checkpoint(window)
+        return window, checkpoint
+
     def _train(self, shards: list[str]) -> tuple[Path | None, Path | None]:
         cfg, accelerator = self.cfg, self.accelerator
         spec = StreamSpec(shards=shards, seed=cfg.run.seed, batch_size=cfg.data.batch_size,
@@ -334,34 +479,12 @@ class Trainer:
                           latent_size=cfg.data.image_size // self.codec.downsample)
         loader = build_loader(spec, accelerator.process_index, accelerator.num_processes,
                               cfg.data.num_workers, start_batch=self.state.step)
-        batches = iter(loader)
         bar = tqdm(total=cfg.train.steps, initial=self.state.step, desc="train", unit="step",
                    disable=not (self.progress and accelerator.is_main_process))
-        window = MetricWindow()
-        checkpoint = grid = None
-        self.model.train()
-        while self.state.step < cfg.train.steps:
-            batch = next(batches)
-            labels = batch["labels"].to(accelerator.device, non_blocking=True)
-            metrics = self.train_step(self.latents(batch), labels)
-            self.state.step += 1
-            self.state.images_seen += len(labels) * accelerator.num_processes
-            window.add(metrics, len(labels) * accelerator.num_processes, batch["corrupt"])
-            bar.update(1)
-            step, last = self.state.step, self.state.step == cfg.train.steps
-            preempted = not last and self.preemption.should_stop()
-            if step % cfg.train.log_every == 0 or last or preempted:
-                self._log(window, bar)
-                window = MetricWindow()
-            if step % cfg.train.ckpt_every == 0 or last or preempted:
-                checkpoint = self._checkpoint()
-            if preempted:
-                break
-            if step % cfg.train.sample_every == 0 or last:
-                grid = self._grid() or grid
-            if self.fid is not None:
-                self._fid(step, last)
-        bar.close()
+        try:  # the bar is closed before an error is printed, so the error is the last line
+            checkpoint, grid = self._steps(iter(loader), bar)
+        finally:
+            bar.close()
         # Every rank's own peak, for comparing strategies (the metric above is rank 0's).
         record = {"rank": accelerator.process_index, "peak_gb": peak_memory_gb(accelerator.device)}
         (self.output_dir / f"peak_memory_rank{accelerator.process_index}.json").write_text(json.dumps(record))
@@ -372,4 +495,3 @@ def train(cfg: Config, resume: str = "auto", allow_config_change: bool = False,
           progress: bool = True) -> TrainResult:
     """Train ``cfg`` to ``train.steps``; see :class:`Trainer`."""
     return Trainer(cfg, resume, allow_config_change, progress).run()
-

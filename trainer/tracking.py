@@ -4,19 +4,41 @@ Where runs go, in order of precedence: ``MLFLOW_TRACKING_URI``, ``tracking.uri``
 embedded sqlite store in the run's output folder (``<output_dir>/mlflow.db``, artifacts under
 ``<output_dir>/mlartifacts``). A resumed run passes the run id saved in its checkpoint, so all its
 metrics land in the same MLflow run.
+
+Tracking never stops training. The store is checked when a run starts (a wrong address fails before
+any training time is spent); after that, :class:`BackgroundTracker` sends every record from a
+thread, so the loop only appends to a queue. When the server stops answering, the thread warns
+once, keeps the records in order and retries with backoff; when it answers again, it sends what
+was missed. At the end of the run it waits at most ``tracking.flush_seconds`` for the queue; what
+is still unsent is named in a warning, and since ``metrics.jsonl`` in the run folder holds every
+logged row, a resumed run sends MLflow the rows it lacks before it trains (:func:`unsent_rows`).
 """
 
 from __future__ import annotations
 
+import collections
+import json
 import logging
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+# MLflow's client retries a failed request 7 times with growing waits and a 120 s timeout: minutes
+# per call against a dead server. The background thread does its own retrying, so each call may
+# fail fast (the user's own settings of these variables win).
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+MAX_BACKOFF = 30.0
+MAX_PENDING = 100_000  # records held while the server is away (a row is ~1 KB)
+MAX_BATCH_METRICS = 1000  # MLflow's limit per log_batch request
 
 
 class TrackingError(RuntimeError):
@@ -56,17 +78,20 @@ def _param_value(value: Any) -> str:
 
 
 class MlflowTracker:
-    """One MLflow run. Create with :meth:`open`; all calls are no-ops on ``None`` trackers."""
+    """One MLflow run, called synchronously. Create with :meth:`open`."""
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: Any, run_id: str, uri: str) -> None:
         self.client = client
         self.run_id = run_id
+        self.uri = uri
 
     @classmethod
     def open(cls, uri: str, experiment: str, run_name: str, output_dir: Path,
              resume_run_id: str | None = None) -> MlflowTracker:
         from mlflow.tracking import MlflowClient
 
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
         check_reachable(uri)
         client = MlflowClient(tracking_uri=uri)
         if resume_run_id:
@@ -78,7 +103,7 @@ class MlflowTracker:
                 ) from err
             client.update_run(resume_run_id, status="RUNNING")
             logger.info("continuing MLflow run %s in %s", resume_run_id, uri)
-            return cls(client, resume_run_id)
+            return cls(client, resume_run_id, uri)
         found = client.get_experiment_by_name(experiment)
         if found is not None:
             experiment_id = found.experiment_id
@@ -88,7 +113,7 @@ class MlflowTracker:
             experiment_id = client.create_experiment(experiment, artifact_location=location)
         run = client.create_run(experiment_id, run_name=run_name)
         logger.info("MLflow run %s in %s", run.info.run_id, uri)
-        return cls(client, run.info.run_id)
+        return cls(client, run.info.run_id, uri)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -98,10 +123,15 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.log_rows([(metrics, step)])
+
+    def log_rows(self, rows: list[tuple[dict[str, float], int]]) -> None:
+        """Several steps' metrics in one request (MLflow takes up to 1000 metrics per batch)."""
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000)
-        items = [Metric(key, float(value), stamp, step) for key, value in metrics.items()]
+        items = [Metric(key, float(value), stamp, step)
+                 for metrics, step in rows for key, value in metrics.items()]
         self.client.log_batch(self.run_id, metrics=items)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -112,3 +142,191 @@ class MlflowTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+    def last_step(self, key: str) -> int:
+        """The highest step MLflow holds for metric ``key`` (0 when none)."""
+        return max((metric.step for metric in self.client.get_metric_history(self.run_id, key)), default=0)
+
+
+@dataclass
+class _Record:
+    """One queued call: a row of metrics (sent in batches with its neighbours) or another call."""
+
+    what: str
+    row: tuple[dict[str, float], int] | None = None
+    send: Callable[[], None] | None = None
+
+
+class BackgroundTracker:
+    """Sends records to an :class:`MlflowTracker` from a thread; calls return at once.
+
+    ``sent_through`` maps a series name (``metrics``, ``fid``) to the last step MLflow already
+    holds for it: rows of a replay up to that step (a run resumed from an older checkpoint recomputes
+    steps it had logged) are not sent twice. Consecutive metric rows waiting in the queue go out in
+    one request, so a backlog after an outage is sent in a few calls.
+    """
+
+    def __init__(self, tracker: MlflowTracker, flush_seconds: float) -> None:
+        self.tracker = tracker
+        self.run_id = tracker.run_id
+        self.flush_seconds = flush_seconds
+        self.sent_through: dict[str, int] = {}
+        self._pending: collections.deque[_Record] = collections.deque()
+        self._wake = threading.Condition()
+        self._deadline: float | None = None  # set by finish(): stop trying after this time
+        self._finishing = threading.Event()
+        self._failing_since: float | None = None
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
+        self._thread.start()
+
+    # -------------------------------------------------------------- called by the training loop
+    def log_metrics(self, metrics: dict[str, float], step: int, series: str = "metrics") -> None:
+        if step <= self.sent_through.get(series, 0):
+            return
+        self._put(_Record(f"{series} of step {step}", row=(dict(metrics), step)))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._put(_Record(f"artifact {path}", send=lambda: self.tracker.log_artifact(path, artifact_path)))
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._put(_Record(f"tag {key}", send=lambda: self.tracker.set_tag(key, value)))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Mark the run ended and wait up to ``flush_seconds`` for everything to be sent."""
+        self._put(_Record(f"run status {status}", send=lambda: self.tracker.finish(status)))
+        with self._wake:
+            self._deadline = time.monotonic() + self.flush_seconds
+            self._wake.notify_all()
+        self._finishing.set()
+        self._thread.join(timeout=self.flush_seconds + 1.0)
+        self._report_unsent()
+
+    def _put(self, record: _Record) -> None:
+        with self._wake:
+            if len(self._pending) >= MAX_PENDING:
+                self._pending.popleft()
+                self.dropped += 1
+            self._pending.append(record)
+            self._wake.notify_all()
+
+    # -------------------------------------------------------------- the sending thread
+    def _next_batch(self) -> list[_Record]:
+        """The head of the queue, with the metric rows right behind it if it is one (under the
+        lock)."""
+        head = self._pending[0]
+        if head.row is None:
+            return [head]
+        batch, count = [], 0
+        for record in self._pending:
+            if record.row is None or count + len(record.row[0]) > MAX_BATCH_METRICS:
+                break
+            batch.append(record)
+            count += len(record.row[0])
+        return batch or [head]
+
+    def _send(self, batch: list[_Record]) -> None:
+        if batch[0].row is None:
+            batch[0].send()
+        else:
+            self.tracker.log_rows([record.row for record in batch])
+
+    def _send_loop(self) -> None:
+        backoff = 1.0
+        while True:
+            with self._wake:
+                while not self._pending and self._deadline is None:
+                    self._wake.wait()
+                if not self._pending or self._past_deadline():
+                    return
+                batch = self._next_batch()
+            try:
+                self._send(batch)
+            except Exception as err:  # noqa: BLE001 - any failure of the side service is survived
+                self._note_failure(batch[0].what, err)
+                if self._deadline is None:  # waits out the backoff, or until finish() is called
+                    self._finishing.wait(timeout=backoff)
+                else:  # flushing: try again each second until the deadline
+                    time.sleep(min(1.0, max(0.0, self._deadline - time.monotonic())))
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            backoff = 1.0
+            with self._wake:
+                for _ in batch:
+                    self._pending.popleft()
+                left = len(self._pending)
+            if self._failing_since is not None:
+                logger.warning("MLflow at %s answers again after %.0f s; sending the %d record(s) it missed",
+                               self.tracker.uri, time.monotonic() - self._failing_since, left + len(batch))
+                self._failing_since = None
+
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def _note_failure(self, what: str, err: Exception) -> None:
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            logger.warning("MLflow at %s failed to take %s (%s); training continues, metrics.jsonl keeps "
+                           "every row, and the records are sent when the server answers again",
+                           self.tracker.uri, what, reason[:300])
+
+    def _report_unsent(self) -> None:
+        with self._wake:
+            unsent = list(self._pending)
+        if not (unsent or self.dropped):
+            return
+        steps = [record.row[1] for record in unsent if record.row is not None]
+        span = f", steps {min(steps)}-{max(steps)}" if steps else ""
+        logger.warning("MLflow at %s did not take %d record(s) before the run ended%s (%d more dropped "
+                       "while it was away); metrics.jsonl holds them, and resuming this run sends "
+                       "them", self.tracker.uri, len(unsent), span, self.dropped)
+
+
+# ---------------------------------------------------------------------- the run's own record
+
+class JsonLines:
+    """A run's append-only record of rows with a ``step`` (metrics.jsonl, fid.jsonl)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+        return rows
+
+    def append(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def truncate(self, step: int) -> int:
+        """Keep the rows up to ``step`` (a resumed run recomputes the rest); returns how many went."""
+        if not self.path.is_file():
+            return 0
+        rows = self.rows()
+        kept = [row for row in rows if row["step"] <= step]
+        if len(kept) == len(self.path.read_text().splitlines()):
+            return 0  # nothing to drop (and no line cut short by a crash)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        os.replace(tmp, self.path)
+        return len(rows) - len(kept)
+
+
+def unsent_rows(tracker: MlflowTracker, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """(rows of ``rows`` MLflow lacks, the last step it holds): rows after the last step MLflow has
+    for the rows' first metric."""
+    if not rows:
+        return [], 0
+    key = next(key for key in rows[-1] if key != "step")
+    held = tracker.last_step(key)
+    return [row for row in rows if row["step"] > held], held

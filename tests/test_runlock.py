@@ -1,0 +1,97 @@
+"""One run per output folder: a second run is refused while the first runs, stale locks (a dead
+process on this host, an earlier start of the same Slurm job) are taken over, the lock goes at exit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from advdit.trainer.loop import train
+from advdit.trainer.runlock import LOCK_NAME, RunLock, RunLockedError
+
+from helpers import tiny_config, tiny_overrides
+
+ADVDIT = str(Path(sys.executable).with_name("advdit"))
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def write_lock(folder: Path, **holder: object) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"host": socket.gethostname(), "pid": dead_pid(), "slurm_job_id": None, "started": "earlier"}
+    (folder / LOCK_NAME).write_text(json.dumps({**record, **holder}))
+
+
+def test_lock_refuses_a_second_holder_and_is_released(tmp_path: Path) -> None:
+    with RunLock(tmp_path):
+        holder = json.loads((tmp_path / LOCK_NAME).read_text())
+        assert holder["host"] == socket.gethostname() and isinstance(holder["pid"], int)
+        with pytest.raises(RunLockedError, match=rf"in use by another run \(PID {holder['pid']}"):
+            RunLock(tmp_path).acquire()
+    assert not (tmp_path / LOCK_NAME).exists()
+    with RunLock(tmp_path):  # free again
+        pass
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path, tiny_shards: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    write_lock(tmp_path)
+    caplog.set_level(logging.WARNING)
+    result = train(tiny_config(tmp_path, tiny_shards, "train.steps=2"), progress=False)
+    assert result.step == 2
+    assert "taking over the stale lock" in caplog.text and "on this host is gone" in caplog.text
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_lock_of_another_host_is_refused_unless_it_is_this_slurm_job(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    write_lock(tmp_path, host="node-elsewhere", pid=4242, slurm_job_id="77")
+    with pytest.raises(RunLockedError, match=rf"host node-elsewhere.*delete {tmp_path / LOCK_NAME}"):
+        RunLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    with pytest.raises(RunLockedError):
+        RunLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, requeued onto another node
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["slurm_job_id"] == "77"
+
+
+def test_a_live_process_with_a_reused_pid_is_not_mistaken_for_the_holder(tmp_path: Path) -> None:
+    """The lock names this test's own PID but another start time: that process is gone."""
+    import os
+
+    write_lock(tmp_path, pid=os.getpid(), process_start="1")
+    with RunLock(tmp_path):
+        pass
+
+
+@pytest.mark.slow
+def test_second_run_on_the_same_folder_is_refused_and_the_first_is_untouched(tmp_path: Path,
+                                                                             tiny_shards: Path) -> None:
+    args = [ADVDIT, "train", *tiny_overrides(tmp_path, tiny_shards), "train.steps=300", "train.ckpt_every=50"]
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert first.poll() is None and time.monotonic() < deadline, "the first run did not start"
+        time.sleep(0.05)
+    second = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2
+    message = second.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"advdit: error: {tmp_path} is in use by another run (PID {first.pid} on host")
+    _, errors = first.communicate(timeout=600)
+    assert first.returncode == 0, errors[-2000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 301))  # one run's rows, each once
+    assert not (tmp_path / LOCK_NAME).exists()

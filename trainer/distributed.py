@@ -1,0 +1,32 @@
+"""Small collectives shared by the loop, checkpoints and evaluation."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_ranks(accelerator: Accelerator, ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank (a collective with several processes)."""
+    if accelerator.num_processes == 1:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
+
+
+def merged(local: dict[str, str]) -> dict[str, str]:
+    """Every rank's dict merged into one, on every rank (a collective with several processes)."""
+    rank, size = world()
+    if size == 1:
+        return local
+    everyone: list[dict[str, str] | None] = [None] * size
+    dist.all_gather_object(everyone, local)
+    return {key: value for part in everyone for key, value in (part or {}).items()}
