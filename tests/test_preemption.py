@@ -108,9 +108,10 @@ def assert_checkpointed_at_step_2(out: Path, done: subprocess.CompletedProcess) 
 @pytest.mark.slow
 def test_signal_during_a_sample_grid_stops_between_rows(tmp_path: Path, tiny_shards: Path) -> None:
     """An 8-row grid of 1000-step DDPM samples takes many seconds: the signal is honoured after
-    the row being drawn, with a checkpoint of step 2 and no grid."""
+    the row being drawn, with a checkpoint of step 2 that records the signal, and no grid."""
+    # The step is checkpointed before its grid (ckpt_every=2): the signal is noted in that checkpoint.
     args = [ADVDIT, "train", *tiny_overrides(tmp_path, tiny_shards), *SETTINGS, "train.sample_every=2",
-            "sample.sampler=ddpm", "sample.steps=1000", "sample.grid_rows=8"]
+            "train.ckpt_every=2", "sample.sampler=ddpm", "sample.steps=1000", "sample.grid_rows=8"]
     done, seconds = signal_during_evaluation(tmp_path, args)
     assert_checkpointed_at_step_2(tmp_path, done)
     assert "sample grid of step 2 abandoned" in done.stderr
@@ -135,3 +136,21 @@ def test_signal_during_an_fid_evaluation_stops_between_batches(tmp_path: Path, t
     rounds = re.search(r"after (\d+) of (\d+) rounds", done.stderr).groups()
     print(f"\nSIGUSR1 1 s into a 4000-sample FID: checkpoint and exit 75 after {seconds:.1f} s, "
           f"{rounds[0]} of {rounds[1]} rounds of batches drawn")
+
+
+@pytest.mark.slow
+def test_a_final_fid_cut_short_is_measured_when_the_run_is_resumed(tmp_path: Path, tiny_shards: Path) -> None:
+    """The signal lands in the last step's final FID: the final checkpoint records it (so Slurm's
+    job script requeues), and running the command again measures the final FID it lacks."""
+    weights, spec = save_tiny_net(tmp_path)
+    out = tmp_path / "run"
+    args = [ADVDIT, "train", *tiny_overrides(out, tiny_shards), "train.steps=2", "eval.batch_size=10",
+            f"eval.reference={tiny_shards}", f"eval.inception_weights={weights}", f"eval.feature_net={spec}",
+            f"eval.cache_dir={tmp_path / 'cache'}", "sample.steps=100"]
+    done, _ = signal_during_evaluation(out, [*args, "eval.final_fid_samples=4000"])
+    assert_checkpointed_at_step_2(out, done)
+    assert "FID at step 2 abandoned" in done.stderr
+    again = subprocess.run([*args, "eval.final_fid_samples=20"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "fid.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2] and rows[0]["fid20"] > 0

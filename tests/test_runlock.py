@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -21,59 +22,67 @@ from helpers import tiny_config, tiny_overrides
 ADVDIT = str(Path(sys.executable).with_name("advdit"))
 
 
-def dead_pid() -> int:
-    process = subprocess.Popen(["true"])
-    process.wait()
-    return process.pid
-
-
 def write_lock(folder: Path, **holder: object) -> None:
+    """A lock file as a run that is gone left it: its content, and no process holding it."""
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"host": socket.gethostname(), "pid": dead_pid(), "slurm_job_id": None, "started": "earlier"}
+    record = {"host": socket.gethostname(), "pid": 999999, "slurm_job_id": None, "started": "earlier"}
     (folder / LOCK_NAME).write_text(json.dumps({**record, **holder}))
 
 
 def test_lock_refuses_a_second_holder_and_is_released(tmp_path: Path) -> None:
     with RunLock(tmp_path):
         holder = json.loads((tmp_path / LOCK_NAME).read_text())
-        assert holder["host"] == socket.gethostname() and isinstance(holder["pid"], int)
-        with pytest.raises(RunLockedError, match=rf"in use by another run \(PID {holder['pid']}"):
+        assert holder["host"] == socket.gethostname() and holder["pid"] == os.getpid()
+        with pytest.raises(RunLockedError, match=rf"in use by another run \(PID {os.getpid()}"):
             RunLock(tmp_path).acquire()
     assert not (tmp_path / LOCK_NAME).exists()
     with RunLock(tmp_path):  # free again
         pass
 
 
-def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path, tiny_shards: Path,
-                                                    caplog: pytest.LogCaptureFixture) -> None:
-    write_lock(tmp_path)
+def test_a_killed_holder_leaves_a_lock_that_is_taken_over(tmp_path: Path, tiny_shards: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A real second process holds the lock: refused, whatever its file says; once that process
+    is SIGKILLed (no clean-up), the next run takes the lock over with a warning."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    (tmp_path / LOCK_NAME).write_text("garbage")  # the flock, not the content, decides on this host
+    with pytest.raises(RunLockedError, match="held by a live process on this host"):
+        RunLock(tmp_path).acquire()
+    holder.kill()
+    holder.wait()
+    write_lock(tmp_path, pid=holder.pid)
     caplog.set_level(logging.WARNING)
     result = train(tiny_config(tmp_path, tiny_shards, "train.steps=2"), progress=False)
     assert result.step == 2
-    assert "taking over the stale lock" in caplog.text and "on this host is gone" in caplog.text
+    assert f"left by PID {holder.pid}" in caplog.text and "no process holds it any more" in caplog.text
     assert not (tmp_path / LOCK_NAME).exists()
 
 
-def test_lock_of_another_host_is_refused_unless_it_is_this_slurm_job(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    write_lock(tmp_path, host="node-elsewhere", pid=4242, slurm_job_id="77")
+HOLD = """
+import sys, time
+from advdit.trainer.runlock import RunLock
+lock = RunLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_lock_of_another_host_is_refused_unless_an_earlier_start_of_this_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_lock(tmp_path, host="node-elsewhere", pid=4242, slurm_job_id="77", slurm_restart_count=0)
     with pytest.raises(RunLockedError, match=rf"host node-elsewhere.*delete {tmp_path / LOCK_NAME}"):
         RunLock(tmp_path).acquire()
     monkeypatch.setenv("SLURM_JOB_ID", "78")
     with pytest.raises(RunLockedError):
         RunLock(tmp_path).acquire()
-    monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, requeued onto another node
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, same start: another step of it
+    with pytest.raises(RunLockedError):
+        RunLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the job requeued onto another node
     with RunLock(tmp_path):
-        assert json.loads((tmp_path / LOCK_NAME).read_text())["slurm_job_id"] == "77"
-
-
-def test_a_live_process_with_a_reused_pid_is_not_mistaken_for_the_holder(tmp_path: Path) -> None:
-    """The lock names this test's own PID but another start time: that process is gone."""
-    import os
-
-    write_lock(tmp_path, pid=os.getpid(), process_start="1")
-    with RunLock(tmp_path):
-        pass
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["slurm_restart_count"] == 1
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,7 +46,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .distributed import all_ranks, merged, world
+from .distributed import all_ranks, from_main, merged, world
 from .ema import EMA
 
 logger = logging.getLogger(__name__)
@@ -68,12 +69,13 @@ RESUMABLE_CHANGES = {
     "model.compile", "train.tf32", "optim.fused",
 }
 # Plain record classes inside DeepSpeed's ZeRO optimizer states: an enum, a dataclass of two ints
-# and the loss scaler's attributes. The weights-only unpickler builds them without calling any code
-# of theirs beyond ``__new__`` and attribute assignment.
+# and the loss scalers (static, and dynamic for fp16), whose state is numbers and a dtype. The
+# weights-only unpickler may build these and nothing else of DeepSpeed's.
 DEEPSPEED_RECORDS = (
     ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
     ("deepspeed.utils.tensor_fragment", "fragment_address"),
     ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
 )
 HASH_CHUNK = 1 << 24
 
@@ -164,10 +166,11 @@ def weights_only_loads() -> Iterator[None]:
         return original(*args, **kwargs)
 
     allowed = []
-    for module, name in DEEPSPEED_RECORDS:
+    # Only a run that uses DeepSpeed has its files; importing it otherwise would cost seconds.
+    for module, name in DEEPSPEED_RECORDS if "deepspeed" in sys.modules else ():
         try:
             allowed.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):  # another DeepSpeed version, or none installed
+        except (ImportError, AttributeError):  # another DeepSpeed version
             continue
     torch.load = load
     try:
@@ -212,25 +215,35 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def listed_files(folder: Path) -> list[str]:
+    """Every file under ``folder`` but meta.json, by relative path, as the main process sees them."""
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != META)
+    return from_main(names)
+
+
 def checksums(folder: Path) -> dict[str, str]:
     """SHA-256 of every file under ``folder`` (but meta.json), by relative path; each rank hashes
     every world-th file, so a large sharded checkpoint is read once, spread over the ranks."""
-    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != META)
+    files = listed_files(folder)
     rank, size = world()
     return merged({name: file_sha256(folder / name) for name in files[rank::size]})
 
 
-def verify_checksums(folder: Path, expected: dict[str, str]) -> list[str]:
-    """Files of ``folder`` that are missing or differ from ``expected`` (the same list on every rank)."""
+def verify_checksums(folder: Path, expected: dict[str, str], prefix: str = "") -> list[str]:
+    """Files of ``folder`` whose path starts with ``prefix`` (all by default) that are missing,
+    unreadable, differ from ``expected`` or are not listed in it; the same list on every rank."""
     rank, size = world()
-    names = sorted(expected)
-    bad = {}
-    for name in names[rank::size]:
-        path = folder / name
-        if not path.is_file():
+    wanted = sorted(name for name in expected if name.startswith(prefix))
+    bad = {name: "not listed in meta.json" for name in listed_files(folder)
+           if name.startswith(prefix) and name not in expected}
+    for name in wanted[rank::size]:
+        try:
+            if file_sha256(folder / name) != expected[name]:
+                bad[name] = "checksum differs"
+        except FileNotFoundError:
             bad[name] = "missing"
-        elif file_sha256(path) != expected[name]:
-            bad[name] = "checksum differs"
+        except OSError as err:
+            bad[name] = f"unreadable: {err.strerror or err}"
     return [f"{name} ({why})" for name, why in sorted(merged(bad).items())]
 
 
@@ -268,28 +281,24 @@ def save_checkpoint(content: Checkpointed, output_dir: str | Path, step: int, me
     room = not accelerator.is_main_process or shutil.disk_usage(root).free >= needed
     if not all_ranks(accelerator, room):
         raise _disk_full(root, needed, last_good)
-    failure: OSError | None = None
-    try:
-        _write_state(content, tmp)
-    except OSError as err:
-        failure = err
+    failure = _write_state(content, tmp)
     if not all_ranks(accelerator, failure is None):
         _abandon(accelerator, tmp)
-        raise _write_error(failure, root, needed, last_good) from failure
+        raise _write_error(failure, root, needed, last_good)
     files = checksums(tmp)
     if accelerator.is_main_process:
-        record = {**meta, "format": FORMAT, "step": step, "saved_at": time.time(),
-                  "state": asdict(content.state),
-                  "objects": [json_state(holder.state_dict()) for holder in content.objects],
-                  "files": files}
         try:
+            record = {**meta, "format": FORMAT, "step": step, "saved_at": time.time(),
+                      "state": asdict(content.state),
+                      "objects": [json_state(holder.state_dict()) for holder in content.objects],
+                      "files": files}
             (tmp / META).write_text(json.dumps(record, indent=2))
             _publish(root, tmp, final)
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - every rank must learn of it, whatever it is
             failure = err
     if not all_ranks(accelerator, failure is None):
         _abandon(accelerator, tmp)
-        raise _write_error(failure, root, needed, last_good) from failure
+        raise _write_error(failure, root, needed, last_good)
     if accelerator.is_main_process:
         for old in complete_checkpoints(root)[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
@@ -297,15 +306,30 @@ def save_checkpoint(content: Checkpointed, output_dir: str | Path, step: int, me
     return final
 
 
-def _write_state(content: Checkpointed, tmp: Path) -> None:
+def _write_state(content: Checkpointed, tmp: Path) -> Exception | None:
+    """This rank's files of the checkpoint; a failure is returned, not raised, so that every rank
+    goes on to the agreement that follows (a rank that raised would leave the others waiting)."""
     accelerator = content.accelerator
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    for name, part in content.parts.items():
-        part.save_state(str(tmp / name))
-    if accelerator.is_main_process:
-        save_ema(content.ema, tmp / EMA_FILE)
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        for name, part in content.parts.items():
+            part.save_state(str(tmp / name))
+        if accelerator.is_main_process:
+            save_ema(content.ema, tmp / EMA_FILE)
+    except Exception as err:  # noqa: BLE001 - reported once every rank has agreed
+        return err
+    return None
+
+
+def record_stop(checkpoint: Path, stopped_by: str) -> None:
+    """Note in a checkpoint written earlier in the step that the run stopped on a signal after it
+    (Slurm's job script requeues on that note). meta.json is outside the checksums it lists."""
+    meta = read_meta(checkpoint)
+    meta["stopped_by"] = stopped_by
+    tmp = checkpoint / (META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, checkpoint / META)
 
 
 def _publish(root: Path, tmp: Path, final: Path) -> None:
@@ -322,10 +346,10 @@ def _abandon(accelerator: Accelerator, tmp: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def _write_error(err: OSError | None, root: Path, needed: int, last_good: Path | None) -> CheckpointError:
+def _write_error(err: Exception | None, root: Path, needed: int, last_good: Path | None) -> CheckpointError:
     if err is None:  # another rank failed: it reports the cause
         return CheckpointError(f"another process failed to write its part of a checkpoint in {root}")
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return _disk_full(root, needed, last_good)
     return CheckpointError(f"writing a checkpoint in {root} failed: {err}")
 
@@ -358,11 +382,19 @@ def check_format(path: Path, meta: dict[str, Any]) -> None:
                               f"{FORMAT} (a newer advdit wrote it?)")
 
 
-def load_checkpoint(content: Checkpointed, path: Path, meta: dict[str, Any]) -> None:
-    """Verify ``path`` against its checksums, then load it into ``content`` (on every rank)."""
-    bad = verify_checksums(path, meta.get("files", {}))
+def verify(path: Path, meta: dict[str, Any], prefix: str = "") -> None:
+    """Raise unless the checkpoint's files under ``prefix`` are exactly those meta.json lists,
+    with the SHA-256 it records."""
+    if not isinstance(meta.get("files"), dict) or not meta["files"]:
+        raise CheckpointError(f"{path / META} lists no files with their SHA-256")
+    bad = verify_checksums(path, meta["files"], prefix)
     if bad:
         raise CheckpointError(f"{len(bad)} file(s) of {path} fail their SHA-256 check: {', '.join(bad[:3])}")
+
+
+def load_checkpoint(content: Checkpointed, path: Path, meta: dict[str, Any]) -> None:
+    """Verify ``path`` against its checksums, then load it into ``content`` (on every rank)."""
+    verify(path, meta)
     with weights_only_loads():
         content.accelerator.load_state(str(path))
         for name, part in content.parts.items():
@@ -400,12 +432,14 @@ def resume_from(content: Checkpointed, resume: str, output_dir: str | Path,
             raise CheckpointError(f"--resume {resume}: not a complete checkpoint folder (no {META})")
         _load_checked(content, Path(resume), check_config)
         logger.info("resumed from %s (step %d)", resume, content.state.step)
+        _set_aside_newer(content, existing)
         return Path(resume)
     failures = []
     for path in existing:
         try:
             _load_checked(content, path, check_config)
             logger.info("resumed from %s (step %d)", path, content.state.step)
+            _set_aside_newer(content, existing)
             return path
         except _Unusable as err:
             logger.warning("checkpoint %s cannot be used (%s); trying an older one", path, err.reason)
@@ -414,6 +448,22 @@ def resume_from(content: Checkpointed, resume: str, output_dir: str | Path,
         raise CheckpointError(f"none of the {len(failures)} checkpoint(s) in {root} can be used "
                               f"({'; '.join(failures)}); move them away to start afresh")
     return None
+
+
+def _set_aside_newer(content: Checkpointed, existing: list[Path]) -> None:
+    """Rename checkpoints newer than the resumed step (ones that could not be used, or of a run
+    resumed from an older one on purpose) to ``step_N.set-aside``: left in place, they would be
+    resumed next time instead of this run's, and keep_last would delete this run's in their
+    favour."""
+    if not content.accelerator.is_main_process:
+        return
+    for path in existing:
+        if int(STEP_DIR.match(path.name).group(1)) > content.state.step:
+            aside = path.with_name(path.name + ".set-aside")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+            logger.warning("set %s aside as %s: it is newer than the resumed step %d", path.name,
+                           aside.name, content.state.step)
 
 
 class _Unusable(CheckpointError):
@@ -453,9 +503,13 @@ def convert_legacy(path: str | Path) -> Path:
     it runs) and the checkpoint is left as it was."""
     path = Path(path)
     meta = read_meta(path)
-    if meta.get("format", 1) != 1:
-        raise CheckpointError(f"checkpoint {path} is already in format {meta['format']}")
     pickles = sorted(path.glob(LEGACY_PICKLES), key=lambda p: int(re.sub(r"\D", "", p.name)))
+    if meta.get("format", 1) != 1:
+        if meta.get("files") and pickles:  # converted, but stopped before the pickles were removed
+            for pickle_file in pickles:
+                pickle_file.unlink()
+            return path
+        raise CheckpointError(f"checkpoint {path} is already in format {meta['format']}")
     if not pickles:
         raise CheckpointError(f"checkpoint {path} holds no {LEGACY_PICKLES} to convert")
     ema_state, state, objects = None, None, []
@@ -479,12 +533,13 @@ def convert_legacy(path: str | Path) -> Path:
     save_file(tensors, str(path / EMA_FILE), metadata={
         "decay": repr(float(ema_state["decay"])), "warmup": "true" if ema_state["warmup"] else "false",
         "updates": str(int(ema_state["updates"]))})
-    for pickle_file in pickles:
-        pickle_file.unlink()
     known = {key: state[key] for key in asdict(TrainState()) if key in state}
-    meta.update(format=FORMAT, state={**asdict(TrainState()), **known}, objects=objects)
-    meta["files"] = checksums(path)
+    names = {pickle_file.name for pickle_file in pickles}
+    meta.update(format=FORMAT, state={**asdict(TrainState()), **known}, objects=objects,
+                files={name: digest for name, digest in checksums(path).items() if name not in names})
     tmp = path / (META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, path / META)
+    for pickle_file in pickles:  # last: a crash before this leaves a converted checkpoint
+        pickle_file.unlink()
     return path

@@ -30,3 +30,13 @@ def merged(local: dict[str, str]) -> dict[str, str]:
     everyone: list[dict[str, str] | None] = [None] * size
     dist.all_gather_object(everyone, local)
     return {key: value for part in everyone for key, value in (part or {}).items()}
+
+
+def from_main(value: object) -> object:
+    """The main process's ``value`` on every rank (a collective with several processes): what it
+    sees on a shared file system, where another rank's cached listing may lag behind."""
+    if world()[1] == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

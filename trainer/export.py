@@ -26,7 +26,7 @@ from .checkpoint import (
     CheckpointError,
     check_format,
     read_meta,
-    verify_checksums,
+    verify,
     weights_only_loads,
 )
 
@@ -35,16 +35,12 @@ DEEPSPEED_TAG = "pytorch_model"  # the sub-folder accelerate gives the first Dee
 
 def verified_meta(checkpoint: Path, prefix: str = "") -> dict:
     """meta.json of a complete checkpoint of the current format whose files under ``prefix`` (a
-    file name or folder; all by default) match their checksums."""
+    file name or folder; all by default) are those it lists, with their checksums."""
     if not (checkpoint / META).is_file():
         raise CheckpointError(f"{checkpoint} is not a complete checkpoint folder (no {META})")
     meta = read_meta(checkpoint)
     check_format(checkpoint, meta)
-    wanted = {name: digest for name, digest in meta.get("files", {}).items() if name.startswith(prefix)}
-    bad = verify_checksums(checkpoint, wanted)
-    if bad:
-        raise CheckpointError(f"{len(bad)} file(s) of {checkpoint} fail their SHA-256 check: "
-                              f"{', '.join(bad[:3])}")
+    verify(checkpoint, meta, prefix)
     return meta
 
 

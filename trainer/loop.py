@@ -25,16 +25,18 @@ from .checkpoint import (
     changed_keys,
     checkpoint_dir,
     complete_checkpoints,
+    record_stop,
     remove_stale_tmp,
     resume_from,
     save_checkpoint,
 )
 from .config import Config, config_hash, dump_yaml, flatten
 from .data import StreamSpec, build_loader, check_manifest, next_batch, normalize_images, resolve_shards
-from .distributed import all_ranks
+from .distributed import all_ranks, from_main
 from .ema import EMA
 from .engines import make_accelerator
 from .evaluate import EvaluationInterrupted, Sampler, TrainingFID, sample_grid
+from .fid import metric_name
 from .objectives import (
     VAE_STREAM,
     Denoiser,
@@ -45,7 +47,15 @@ from .objectives import (
 )
 from .preemption import PreemptionGuard
 from .runlock import RunLock, RunLockedError
-from .tracking import BackgroundTracker, JsonLines, MlflowTracker, check_reachable, resolve_uri, unsent_rows
+from .tracking import (
+    BackgroundTracker,
+    JsonLines,
+    MlflowTracker,
+    TrackingError,
+    check_reachable,
+    resolve_uri,
+    unsent_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -242,22 +252,27 @@ class Trainer:
         uri = resolve_uri(cfg.tracking.uri, self.output_dir)
         tracker = MlflowTracker.open(uri, cfg.tracking.experiment, cfg.run.name, self.output_dir,
                                      resume_run_id=self.state.mlflow_run_id)
+        backlog: dict[str, tuple[list[dict[str, Any]], int]] = {}
+        try:
+            if self.state.mlflow_run_id is None:
+                self.state.mlflow_run_id = tracker.run_id
+                tracker.log_params(flatten(cfg))
+                tracker.log_params({"model.num_params": self.num_params,
+                                    "world_size": self.accelerator.num_processes})
+                tracker.log_artifact(self.output_dir / "config.yaml")
+            else:
+                backlog = {series: unsent_rows(tracker, log.rows())
+                           for series, log in (("metrics", self.metrics_log), ("fid", self.fid_log))}
+        except Exception as err:  # noqa: BLE001 - mlflow raises many types; at start-up it is fatal
+            raise TrackingError(f"MLflow at {uri} failed while the run was set up: "
+                                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
         self.tracker = BackgroundTracker(tracker, cfg.tracking.flush_seconds)
-        if self.state.mlflow_run_id is None:
-            self.state.mlflow_run_id = tracker.run_id
-            tracker.log_params(flatten(cfg))
-            tracker.log_params({"model.num_params": self.num_params,
-                                "world_size": self.accelerator.num_processes})
-            tracker.log_artifact(self.output_dir / "config.yaml")
-        else:
-            for series, log in (("metrics", self.metrics_log), ("fid", self.fid_log)):
-                missing, held = unsent_rows(tracker, log.rows())
-                self.tracker.sent_through[series] = held
-                for row in missing:
-                    values = {key: value for key, value in row.items() if key != "step"}
-                    self.tracker.log_metrics(values, row["step"], series)
-                if missing:
-                    logger.info("sending MLflow the %d %s row(s) it lacks", len(missing), series)
+        for series, (missing, held) in backlog.items():
+            self.tracker.sent_through[series] = held
+            for row in missing:
+                self.tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"], series)
+            if missing:
+                logger.info("sending MLflow the %d %s row(s) it lacks", len(missing), series)
         if self.config_changes:
             listing = {key: f"{old!r} -> {new!r}" for key, (old, new) in self.config_changes.items()}
             self.tracker.set_tag(f"config_changes_at_step_{self.state.step}", json.dumps(listing))
@@ -351,6 +366,16 @@ class Trainer:
             if self.tracker:
                 self.tracker.log_metrics(metrics, step, series="fid")
 
+    def _final_fid_if_missing(self) -> None:
+        """A run resumed at its last step whose final FID was cut short by a signal computes it."""
+        if self.fid is None or not self.cfg.eval.final_fid_samples:
+            return
+        name, step = metric_name(self.cfg.eval.final_fid_samples), self.state.step
+        done = any(row["step"] == step and name in row for row in self.fid_log.rows())
+        if not from_main(done):
+            logger.info("the final %s of step %d is missing: measuring it now", name, step)
+            self._fid(step, last=True)
+
     def run(self) -> TrainResult:
         with self.preemption:  # SIGUSR1 / SIGTERM: checkpoint after the current step, then stop
             shards = self._check_inputs()
@@ -392,6 +417,7 @@ class Trainer:
             if self.state.step >= cfg.train.steps:
                 logger.info("checkpoint is at step %d >= train.steps=%d: nothing to train",
                             self.state.step, cfg.train.steps)
+                self._final_fid_if_missing()
             else:
                 result.checkpoint, result.grid = self._train(shards)
             status = "KILLED" if self.preemption.stopped else "FINISHED"
@@ -453,7 +479,7 @@ class Trainer:
                 evaluated = True
                 self._fid(step, last)
             # A signal that arrived during a grid or an FID: stop now, not after the next step.
-            if evaluated and not last and self.preemption.should_stop():
+            if evaluated and self.preemption.should_stop():
                 window, checkpoint = self._record(window, bar, True, checkpoint)
                 break
         return checkpoint, grid
@@ -469,6 +495,9 @@ class Trainer:
             window = MetricWindow()
         if (step % cfg.ckpt_every == 0 or last or stop) and self.last_checkpoint_step != step:
             checkpoint = self._checkpoint(window)
+        elif stop and checkpoint is not None and self.accelerator.is_main_process:
+            # Written earlier in this step (it was due before a grid or an FID): note the signal.
+            record_stop(checkpoint, self.preemption.stopped_by)
         return window, checkpoint
 
     def _train(self, shards: list[str]) -> tuple[Path | None, Path | None]:

@@ -1,17 +1,18 @@
-"""One run per output folder: an exclusive lock file, ``<output_dir>/run.lock``.
+"""One run per output folder: an exclusive lock on ``<output_dir>/run.lock``.
 
 Two runs writing one folder would corrupt each other (the second removes the first's half-written
-checkpoint, their metrics.jsonl lines interleave). The main process of a run creates the lock
-file atomically (``O_EXCL``) with its host, PID, process start time and Slurm job id, holds an
-``flock`` on it while it runs, and removes it on exit. A lock left behind by a process that died
-(SIGKILL, a lost node) is stale and taken over with a warning when:
+checkpoint, their metrics.jsonl lines interleave). The main process of a run holds an ``flock`` on
+the lock file while it runs and writes its host, PID, Slurm job id and restart count into it.
 
-- it names this host and its process is gone (the PID is not running, or runs another program:
-  its start time differs), or
-- it names this Slurm job (a requeued job runs again under its old id, perhaps on another node).
+- A lock held on this host is refused: the flock answers for it, whatever the file says. A lock
+  whose process died (SIGKILL, a lost node) holds no flock any more and is simply taken.
+- A file naming another host is trusted as written, because an flock may not reach across hosts
+  (NFS mounted with local locks): it is refused, unless it was written by an earlier start of
+  this same Slurm job (same job id, lower restart count: a requeued job may land on another node).
+  Its message says which file to delete if that run is known to be gone.
 
-A lock held by a live run, or by another host's run that cannot be checked from here, is refused
-with who holds it and how to remove it if that run is known to be gone.
+The file is never unlinked by anyone but its holder, and only while it is the file the holder
+locked, so two starters can never both believe they hold it.
 """
 
 from __future__ import annotations
@@ -31,44 +32,20 @@ LOCK_NAME = "run.lock"
 
 
 class RunLockedError(RuntimeError):
-    """The output folder belongs to another run that is (or may be) alive."""
-
-
-def _process_start(pid: int) -> str | None:
-    """The start time of ``pid`` in clock ticks since boot (/proc), None where it cannot be read."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return fields[19] if len(fields) > 19 else None
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's process: it exists
-    current = _process_start(pid)
-    return start is None or current is None or current == start
+    """The output folder belongs to another run that is (or may be) alive, or cannot be locked."""
 
 
 def _owner() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def _stale_reason(holder: dict[str, Any]) -> str | None:
-    """Why the lock ``holder`` describes is stale, or None when its run may be alive."""
+def _earlier_start_of_this_job(holder: dict[str, Any]) -> bool:
     job = os.environ.get("SLURM_JOB_ID")
-    if job and holder.get("slurm_job_id") == job:
-        return f"it was taken by an earlier start of this Slurm job ({job})"
-    if holder.get("host") == socket.gethostname():
-        pid = holder.get("pid")
-        if not isinstance(pid, int) or not _alive(pid, holder.get("process_start")):
-            return f"process {pid} on this host is gone"
-    return None
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    return bool(job) and holder.get("slurm_job_id") == job and holder.get("slurm_restart_count", 0) < restarts
 
 
 class RunLock:
@@ -86,55 +63,60 @@ class RunLock:
         self.release()
 
     def acquire(self) -> None:
+        try:
+            self._acquire()
+        except OSError as err:
+            raise RunLockedError(f"cannot lock {self.path}: {err.strerror or err}") from err
+
+    def _acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):  # a stale lock is removed, then taken like a free one
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_over_or_refuse()
-                continue
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.write(fd, json.dumps(_owner()).encode())
-            os.fsync(fd)
-            self._fd = fd
-            return
-        raise RunLockedError(f"could not lock {self.path}: another run keeps taking it")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._refusal(self._holder(), "it is held by a live process on this host") from None
+            if self._same_file(fd):
+                break
+            os.close(fd)  # its holder released (unlinked) it between our open and our flock: again
+        holder = self._holder()
+        if holder and holder.get("host") != socket.gethostname() and not _earlier_start_of_this_job(holder):
+            os.close(fd)
+            raise self._refusal(holder, "its host cannot be checked from here")
+        if holder:
+            logger.warning("taking over %s, left by PID %s on %s (no process holds it any more)",
+                           self.path, holder.get("pid"), holder.get("host"))
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(_owner()).encode())
+        os.fsync(fd)
+        self._fd = fd
 
-    def _take_over_or_refuse(self) -> None:
+    def _same_file(self, fd: int) -> bool:
         try:
-            holder = json.loads(self.path.read_text() or "{}")
-        except FileNotFoundError:
-            return  # released meanwhile
-        except (OSError, ValueError):
-            holder = {}  # half written by a process that died at once
-        reason = _stale_reason(holder) if holder else "it is empty or unreadable"
-        if reason is None or self._held_here():
-            raise RunLockedError(
-                f"{self.path.parent} is in use by another run (PID {holder.get('pid')} on host "
-                f"{holder.get('host')}, Slurm job {holder.get('slurm_job_id') or 'none'}, since "
-                f"{holder.get('started')}); stop that run or choose another run.output_dir. If it is "
-                f"no longer running, delete {self.path}"
-            )
-        logger.warning("taking over the stale lock %s: %s", self.path, reason)
-        self.path.unlink(missing_ok=True)
-
-    def _held_here(self) -> bool:
-        """Whether a live process on this machine holds the lock's flock (whatever its file says)."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             return False
+
+    def _holder(self) -> dict[str, Any]:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)  # closing drops a lock this probe took
-        return False
+            holder = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _refusal(self, holder: dict[str, Any], why: str) -> RunLockedError:
+        return RunLockedError(
+            f"{self.path.parent} is in use by another run (PID {holder.get('pid', '?')} on host "
+            f"{holder.get('host', '?')}, Slurm job {holder.get('slurm_job_id') or 'none'}, since "
+            f"{holder.get('started', '?')}; {why}); stop that run or choose another run.output_dir. "
+            f"If it is no longer running, delete {self.path}"
+        )
 
     def release(self) -> None:
         if self._fd is None:
             return
-        self.path.unlink(missing_ok=True)
+        if self._same_file(self._fd):
+            self.path.unlink()
         os.close(self._fd)
         self._fd = None

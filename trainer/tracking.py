@@ -122,9 +122,6 @@ class MlflowTracker:
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.log_rows([(metrics, step)])
-
     def log_rows(self, rows: list[tuple[dict[str, float], int]]) -> None:
         """Several steps' metrics in one request (MLflow takes up to 1000 metrics per batch)."""
         from mlflow.entities import Metric
@@ -168,7 +165,6 @@ class BackgroundTracker:
 
     def __init__(self, tracker: MlflowTracker, flush_seconds: float) -> None:
         self.tracker = tracker
-        self.run_id = tracker.run_id
         self.flush_seconds = flush_seconds
         self.sent_through: dict[str, int] = {}
         self._pending: collections.deque[_Record] = collections.deque()
@@ -204,9 +200,9 @@ class BackgroundTracker:
 
     def _put(self, record: _Record) -> None:
         with self._wake:
-            if len(self._pending) >= MAX_PENDING:
-                self._pending.popleft()
+            if len(self._pending) >= MAX_PENDING:  # the newest goes: the sender may be sending the oldest
                 self.dropped += 1
+                return
             self._pending.append(record)
             self._wake.notify_all()
 
