@@ -44,7 +44,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..trainer.data import IMAGE_KEYS, DataError
-from .shards import MANIFEST, file_sha256
+from ..trainer.files import file_sha256, write_json_atomic
+from .shards import MANIFEST
 
 logger = logging.getLogger(__name__)
 
@@ -255,12 +256,6 @@ def _list_digest(samples: list[SourceSample]) -> str:
     return digest.hexdigest()
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def _done_path(shard: Path) -> Path:
     return shard.with_name(shard.name + ".done")
 
@@ -293,7 +288,7 @@ class _ShardFile:
             "class_counts": {str(k): v for k, v in sorted(self.class_counts.items())},
             "skipped": self.skipped, "settings": settings,
         }
-        _write_json(_done_path(self.path), record)
+        write_json_atomic(_done_path(self.path), record)
         return record
 
 
@@ -414,7 +409,7 @@ def write_imagenet_shards(source: str | Path, out_dir: str | Path, size: int = 2
         records |= _convert_shards(out, split, samples, todo, samples_per_shard, settings,
                                    workers or len(os.sched_getaffinity(0)), progress)
     manifest = _manifest(split, [records[k] for k in range(num_shards)], preprocessing, classes, settings)
-    _write_json(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
 

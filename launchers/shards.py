@@ -9,9 +9,7 @@ and how the images were made; the loader reads it to find the shards.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -20,6 +18,8 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
+from ..trainer.files import file_sha256, write_json_atomic
+
 MANIFEST = "manifest.json"
 
 
@@ -27,14 +27,6 @@ def encode_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ShardWriter:
@@ -106,6 +98,4 @@ class ShardWriter:
 
 def write_manifest_file(out_dir: Path, manifest: dict[str, Any]) -> None:
     """Write ``manifest.json`` atomically."""
-    tmp = out_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out_dir / MANIFEST)
+    write_json_atomic(out_dir / MANIFEST, manifest)

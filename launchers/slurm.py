@@ -30,6 +30,8 @@ from ..trainer.checkpoint import checkpoint_dir
 from ..trainer.config import Config, ConfigError, control_character, load_config
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
+# JobSpec fields whose command-line option is not simply the field's name with dashes.
+OPTION_OF_FIELD = {"sbatch_options": "--sbatch-option", "srun_options": "--srun-option"}
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 JOBS = "jobs.jsonl"
 
@@ -81,7 +83,7 @@ class JobSpec:
         """Every value that reaches the script is one line of printable text: a newline in, say,
         a job name would end its #SBATCH line and run the rest as a command."""
         for name, value in vars(self).items():
-            flag = "--" + name.removesuffix("s" if name.endswith("_options") else "").replace("_", "-")
+            flag = OPTION_OF_FIELD.get(name, "--" + name.replace("_", "-"))
             for item in value if isinstance(value, list) else [value]:
                 check_printable(flag, item)
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from advdit.launchers.demo_data import CLASSES, write_demo_shards
-from advdit.launchers.shards import file_sha256
 from advdit.trainer.data import (
     DataError,
     ShardError,
@@ -24,6 +23,7 @@ from advdit.trainer.data import (
     resolve_shards,
     tar_members,
 )
+from advdit.trainer.files import file_sha256
 
 from helpers import TINY_SIZE, corrupt_copy, tiny_overrides, write_shape_shards
 

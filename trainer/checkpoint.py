@@ -27,7 +27,7 @@ DeepSpeed's plain record classes).
 from __future__ import annotations
 
 import errno
-import hashlib
+import importlib
 import json
 import logging
 import os
@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 
 from .distributed import all_ranks, from_main, merged, world
 from .ema import EMA
+from .files import file_sha256, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,6 @@ DEEPSPEED_RECORDS = (
     ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
     ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
 )
-HASH_CHUNK = 1 << 24
 
 
 class CheckpointError(RuntimeError):
@@ -157,8 +157,6 @@ def weights_only_loads() -> Iterator[None]:
     """Hold every ``torch.load`` in the block to the weights-only unpickler, whatever its caller
     asks for: accelerate reads custom objects and DeepSpeed reads its shards with
     ``weights_only=False``, which would run any code a crafted file carries."""
-    import importlib
-
     original = torch.load
 
     def load(*args: Any, **kwargs: Any) -> Any:
@@ -180,23 +178,31 @@ def weights_only_loads() -> Iterator[None]:
         torch.load = original
 
 
-def load_ema(ema: EMA, path: Path) -> None:
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a CheckpointError names it when unreadable."""
     try:
         with safe_open(str(path), "pt") as handle:
             metadata = handle.metadata() or {}
-        tensors = load_file(str(path))
+        return load_file(str(path)), metadata
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from err
+
+
+def load_ema(ema: EMA, path: Path) -> None:
+    tensors, metadata = read_safetensors(path)
+    try:
         ema.load_state_dict({"decay": float(metadata["decay"]), "warmup": metadata["warmup"] == "true",
                              "updates": int(metadata["updates"]), "model": tensors})
-    except (OSError, SafetensorError, KeyError, ValueError, RuntimeError) as err:
+    except (KeyError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path} is not a readable EMA file ({err})") from err
 
 
-def save_ema(ema: EMA, path: Path) -> None:
-    state = ema.state_dict()
+def write_ema_state(state: dict[str, Any], path: Path) -> None:
+    """An EMA state dict (``decay``, ``warmup``, ``updates``, ``model``) as ``ema.safetensors``."""
     # safetensors refuses shared or non-contiguous storage: store plain contiguous copies.
     tensors = {name: tensor.detach().contiguous().clone().cpu() for name, tensor in state["model"].items()}
-    metadata = {"decay": repr(state["decay"]), "warmup": "true" if state["warmup"] else "false",
-                "updates": str(state["updates"])}
+    metadata = {"decay": repr(float(state["decay"])), "warmup": "true" if state["warmup"] else "false",
+                "updates": str(int(state["updates"]))}
     save_file(tensors, str(path), metadata=metadata)
 
 
@@ -206,14 +212,6 @@ def json_state(state: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- checksums
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def listed_files(folder: Path) -> list[str]:
     """Every file under ``folder`` but meta.json, by relative path, as the main process sees them."""
@@ -316,7 +314,7 @@ def _write_state(content: Checkpointed, tmp: Path) -> Exception | None:
         for name, part in content.parts.items():
             part.save_state(str(tmp / name))
         if accelerator.is_main_process:
-            save_ema(content.ema, tmp / EMA_FILE)
+            write_ema_state(content.ema.state_dict(), tmp / EMA_FILE)
     except Exception as err:  # noqa: BLE001 - reported once every rank has agreed
         return err
     return None
@@ -327,17 +325,13 @@ def record_stop(checkpoint: Path, stopped_by: str) -> None:
     (Slurm's job script requeues on that note). meta.json is outside the checksums it lists."""
     meta = read_meta(checkpoint)
     meta["stopped_by"] = stopped_by
-    tmp = checkpoint / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, checkpoint / META)
+    write_json_atomic(checkpoint / META, meta)
 
 
 def _publish(root: Path, tmp: Path, final: Path) -> None:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    pointer = root / "latest.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / "latest")
+    write_text_atomic(root / "latest", final.name + "\n")
 
 
 def _abandon(accelerator: Accelerator, tmp: Path) -> None:
@@ -529,17 +523,12 @@ def convert_legacy(path: str | Path) -> Path:
             objects.append(json_state(value))
     if ema_state is None or state is None:
         raise CheckpointError(f"checkpoint {path} lacks the EMA or the counters among {LEGACY_PICKLES}")
-    tensors = {name: t.detach().contiguous().clone() for name, t in ema_state["model"].items()}
-    save_file(tensors, str(path / EMA_FILE), metadata={
-        "decay": repr(float(ema_state["decay"])), "warmup": "true" if ema_state["warmup"] else "false",
-        "updates": str(int(ema_state["updates"]))})
+    write_ema_state(ema_state, path / EMA_FILE)
     known = {key: state[key] for key in asdict(TrainState()) if key in state}
     names = {pickle_file.name for pickle_file in pickles}
     meta.update(format=FORMAT, state={**asdict(TrainState()), **known}, objects=objects,
                 files={name: digest for name, digest in checksums(path).items() if name not in names})
-    tmp = path / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, path / META)
+    write_json_atomic(path / META, meta)
     for pickle_file in pickles:  # last: a crash before this leaves a converted checkpoint
         pickle_file.unlink()
     return path

@@ -17,8 +17,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .checkpoint import (
     EMA_FILE,
@@ -26,6 +25,7 @@ from .checkpoint import (
     CheckpointError,
     check_format,
     read_meta,
+    read_safetensors,
     verify,
     weights_only_loads,
 )
@@ -44,17 +44,10 @@ def verified_meta(checkpoint: Path, prefix: str = "") -> dict:
     return meta
 
 
-def _safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (OSError, SafetensorError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from err
-
-
 def ema_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The EMA weights of a checkpoint."""
     verified_meta(checkpoint, EMA_FILE)
-    return _safetensors(checkpoint / EMA_FILE)
+    return read_safetensors(checkpoint / EMA_FILE)[0]
 
 
 def raw_state(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -73,7 +66,7 @@ def raw_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     weights = checkpoint / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{checkpoint} holds neither {DEEPSPEED_TAG}/ (ZeRO) nor model.safetensors")
-    return _safetensors(weights)
+    return read_safetensors(weights)[0]
 
 
 def export_weights(checkpoint: str | Path, out: str | Path, weights: str = "ema") -> Path:

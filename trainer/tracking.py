@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .files import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 # MLflow's client retries a failed request 7 times with growing waits and a 120 s timeout: minutes
@@ -170,7 +172,6 @@ class BackgroundTracker:
         self._pending: collections.deque[_Record] = collections.deque()
         self._wake = threading.Condition()
         self._deadline: float | None = None  # set by finish(): stop trying after this time
-        self._finishing = threading.Event()
         self._failing_since: float | None = None
         self.dropped = 0
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
@@ -194,7 +195,6 @@ class BackgroundTracker:
         with self._wake:
             self._deadline = time.monotonic() + self.flush_seconds
             self._wake.notify_all()
-        self._finishing.set()
         self._thread.join(timeout=self.flush_seconds + 1.0)
         self._report_unsent()
 
@@ -241,7 +241,8 @@ class BackgroundTracker:
             except Exception as err:  # noqa: BLE001 - any failure of the side service is survived
                 self._note_failure(batch[0].what, err)
                 if self._deadline is None:  # waits out the backoff, or until finish() is called
-                    self._finishing.wait(timeout=backoff)
+                    with self._wake:
+                        self._wake.wait_for(lambda: self._deadline is not None, timeout=backoff)
                 else:  # flushing: try again each second until the deadline
                     time.sleep(min(1.0, max(0.0, self._deadline - time.monotonic())))
                 backoff = min(backoff * 2, MAX_BACKOFF)
@@ -312,9 +313,7 @@ class JsonLines:
         kept = [row for row in rows if row["step"] <= step]
         if len(kept) == len(self.path.read_text().splitlines()):
             return 0  # nothing to drop (and no line cut short by a crash)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         return len(rows) - len(kept)
 
 
