@@ -4,19 +4,19 @@ Networks only: losses live in ``trainer/gan.py``, the diffusion/posterior math i
 ``trainer/diffusion_gan.py``, ``trainer/ddgan.py`` and ``trainer/sadm.py``.
 
 - ``TimestepClassDiscriminator`` (Diffusion-GAN): an image D whose t and class enter through a
-  projection head, as Diffusion-StyleGAN2's D does (methods.md 3.5). Unlike the official code,
+  projection head, as Diffusion-StyleGAN2's D does (docs/methods.md: Diffusion-GAN). Unlike the official code,
   which feeds the raw integer t through an FC mapping, t is embedded sinusoidally after
-  normalisation by ``t_max`` (methods.md 3.10 item 4, [INFERRED]), so its meaning does not drift
+  normalisation by ``t_max`` (docs/methods.md: Diffusion-GAN, [INFERRED]), so its meaning does not drift
   as the adaptive T changes.
 - ``PairDiscriminator`` (DDGAN): input ``concat(x_prev, x_t)``, a per-block bias from the step
   embedding, a minibatch-stddev feature, a 3x3 conv, a spatial sum and a linear logit, after
-  DDGAN's ``Discriminator_small`` (methods.md 2.7). Its residual blocks downsample with a stride-2
+  DDGAN's ``Discriminator_small`` (docs/methods.md: DDGAN). Its residual blocks downsample with a stride-2
   conv and an average-pooled skip instead of DDGAN's FIR filters, and a class projection is added
-  (methods.md 5.2 item 3, [INFERRED]).
+  (docs/methods.md: the DiT recipe, [INFERRED]).
 - ``StructureEncoder`` (SADM): a conv encoder to l2-normalised features. SADM's encoder is not
-  known (methods.md 4.2); this one is a reconstruction.
-- Toy MLPs: Diffusion-GAN's two hidden layers of 128 units with LeakyReLU (methods.md 3.8) and
-  DDGAN's three FC layers of 512 units (methods.md 2.9).
+  known (docs/methods.md: SADM); this one is a reconstruction.
+- Toy MLPs: Diffusion-GAN's two hidden layers of 128 units with LeakyReLU (docs/methods.md: Diffusion-GAN) and
+  DDGAN's three FC layers of 512 units (docs/methods.md: DDGAN).
 
 Class conditioning always uses an embedding with ``num_classes + 1`` rows: index ``num_classes``
 is the null class, as in the DiT (``num_classes=0`` gives an unconditional D with one row).
@@ -64,7 +64,7 @@ def _check_image(x: torch.Tensor, channels: int, size: int, name: str) -> None:
 class TimeEmbedding(nn.Module):
     """Sinusoidal embedding of ``t * scale`` followed by dense -> LeakyReLU -> dense -> LeakyReLU.
 
-    The MLP is DDGAN's time path (methods.md 2.7); ``scale`` maps the caller's t range onto
+    The MLP is DDGAN's time path (docs/methods.md: DDGAN); ``scale`` maps the caller's t range onto
     [0, 1000] (``scale = 1000 / t_max``).
     """
 
@@ -160,7 +160,7 @@ class TimestepClassDiscriminator(nn.Module):
     """Diffusion-GAN D on latents or pixels: ``forward(x, t, y)`` -> (B,) logits.
 
     logit = linear(h) + <embed(y), h> + <mlp(sin(t / t_max)), h>, where h is the spatial sum of
-    the last feature map (projection discriminator for both the class and t, methods.md 3.5).
+    the last feature map (projection discriminator for both the class and t, docs/methods.md: Diffusion-GAN).
     """
 
     def __init__(self, in_channels: int, input_size: int, num_classes: int, base_channels: int = 64,
@@ -218,7 +218,7 @@ class StructureEncoder(nn.Module):
     """SADM's encoder E_phi: ``forward(x, t=None)`` -> (B, feature_dim) unit-norm features.
 
     [INFERRED] architecture: conv trunk, spatial mean, linear, l2 normalisation (the bounded
-    feature space methods.md 4.3 item 4 asks for). With ``t_conditioned`` each block gets a bias
+    feature space the reconstruction asks for). With ``t_conditioned`` each block gets a bias
     from the embedding of the denoiser's integer timestep t (0..999, as the DiT sees it).
     """
 

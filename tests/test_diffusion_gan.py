@@ -33,7 +33,7 @@ def test_initial_state_and_restretched_schedule() -> None:
     betas = np.linspace(1e-4, 2e-2, 10)
     assert ada.alphas_cumprod.shape == (11,) and ada.alphas_cumprod[0] == 1.0
     assert np.allclose(ada.alphas_cumprod[1:], np.cumprod(1 - betas), rtol=1e-14)
-    assert math.sqrt(ada.alphas_cumprod[10]) == pytest.approx(0.951, abs=1e-3)  # methods.md 3.2 table
+    assert math.sqrt(ada.alphas_cumprod[10]) == pytest.approx(0.951, abs=1e-3)  # docs/methods.md
 
 
 def test_t_epl_has_the_clean_fraction_of_zeros_and_priority_never_draws_one() -> None:

@@ -10,7 +10,8 @@ the same config with some keys changed) run in one process, alternating step by 
 order swapped every round, so a shared or throttled machine slows them alike; their ratio is the
 median of the per-round step-time ratios.
 
-Model FLOPs follow DiT's accounting (anchors.md 3.1): the denoiser's forward FLOPs for one image,
+Model FLOPs follow DiT's accounting (its paper counts forward multiply-adds; the DiT repository's
+issue #14 reconciles them with the parameter count): the denoiser's forward FLOPs for one image,
 counted by torch's ``FlopCounterMode`` on the meta device (2 FLOPs per multiply-add; DiT-XL/2 at
 256 px comes to 237.2 GFLOP, twice the paper's 118.6 G multiply-adds), times 3 for forward and
 backward. Recomputation under activation checkpointing and the adversaries' FLOPs are not model

@@ -2,7 +2,7 @@
 
 Follows the official ``train_ddgan.py`` (``get_sigma_schedule``, ``Diffusion_Coefficients``,
 ``Posterior_Coefficients``, ``q_sample_pairs``, ``sample_posterior``, ``sample_from_model``;
-methods.md 2.2, 2.3, 2.6):
+docs/methods.md: DDGAN):
 
 - levels k = 0..T on tau_k = k / T * (1 - 1e-3) + 1e-3; acp(tau) = exp(-tau^2 (beta_max -
   beta_min) / 2 - tau beta_min); betas_k = 1 - acp(tau_k) / acp(tau_{k-1}) for k >= 1, with
@@ -12,12 +12,12 @@ methods.md 2.2, 2.3, 2.6):
 - the posterior tables use ``betas[1:]``: index k describes q(x_k | x_{k+1}, x_0), the step from
   level k + 1 to level k, with no noise added at k = 0;
 - time labels: the same integer k in [0, T) is given to G and D for the pair (x_k, x_{k+1}),
-  although G's input sits at level k + 1 (methods.md 2.3, DDGAN issue #11). ``sample`` uses the
+  although G's input sits at level k + 1 (docs/methods.md: DDGAN). ``sample`` uses the
   same convention, so G trained with these pairs samples correctly; keep it in both places.
 
 Deviation: the tables are float64 numpy, cast to the input's dtype only on lookup. The code keeps
 them in float32, where 1 - 1e-8 rounds to 1, so its level-0 noise std is exactly 0; here it is
-1e-4 (the value methods.md 2.2 gives). Every random draw comes from an explicit generator.
+1e-4 (the official schedule's value). Every random draw comes from an explicit generator.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def discriminator_loss(disc: nn.Module, real_prev: torch.Tensor, fake_prev: torc
     """Non-saturating loss of D(x_t, x_{t+1}, t) on a real and a generated x_t, plus R1.
 
     R1 is taken with respect to the real x_t only, x_{t+1} being a detached condition, and DDGAN
-    does not rescale it by the lazy interval (methods.md 2.4, 2.10): ``r1_weight`` is gamma / 2.
+    does not rescale it by the lazy interval (docs/methods.md: DDGAN): ``r1_weight`` is gamma / 2.
     """
     real_prev = real_prev.detach().requires_grad_(r1_weight > 0)
     x_next = x_next.detach()
@@ -201,7 +201,7 @@ def _first(generator: Generators) -> torch.Generator:
 # --------------------------------------------------------------------------- the objective
 
 class DDGANObjective(DiffusionObjective):
-    """A few-step DiT whose every reverse step is a conditional GAN (methods.md 2.5, 5.3 C).
+    """A few-step DiT whose every reverse step is a conditional GAN (docs/methods.md: DDGAN).
 
     The DiT is the generator G(x_{t+1}, z, t) -> x0', given the DiT timestep whose alphas_cumprod
     is nearest to that of the DDGAN level, with z entering through its zero-initialised z

@@ -1,4 +1,4 @@
-"""Diffusion-GAN's adaptive forward diffusion used as instance noise (methods.md 3.2-3.4, 3.10).
+"""Diffusion-GAN's adaptive forward diffusion used as instance noise (docs/methods.md: Diffusion-GAN).
 
 Follows the official ``diffusion-stylegan2/training/diffusion.py`` and the ADA-style update of its
 training loop:
@@ -16,7 +16,7 @@ training loop:
 Deviations, all deliberate: every random draw comes from an explicit ``torch.Generator`` (the code
 uses the global numpy RNG), so a resumed run draws what the uninterrupted one drew; t is returned
 with shape (B,) (the code returns (B, 1)); t_epl is int64 (the code's ``np.int`` no longer exists,
-methods.md 3.10 item 1); the sign statistic is all-reduced here rather than by a stats collector.
+docs/methods.md: Diffusion-GAN); the sign statistic is all-reduced here rather than by a stats collector.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class AdaptiveDiffusion:
     ``seed`` only sets the initial t_epl (the code draws it from the global RNG at construction);
     give each rank its own, as the code's per-rank draws differ too. The defaults are the code's,
     for [-1, 1] pixels; on SD-VAE latents (std ~ 1) ``noise_std`` = 0.05 is a much weaker
-    corruption, and methods.md 3.10 item 7 suggests starting between 0.5 and 1.0 ([INFERRED]).
+    corruption, and we suggest starting between 0.5 and 1.0 ([INFERRED]).
     """
 
     def __init__(self, beta_start: float = 1e-4, beta_end: float = 2e-2, t_min: int = 10, t_max: int = 1000,
@@ -204,7 +204,7 @@ def discriminator_loss(disc: nn.Module, controller: AdaptiveDiffusion, real: tor
                        **cond: torch.Tensor) -> dict[str, torch.Tensor]:
     """D's non-saturating loss on diffused real and fake samples, plus ``r1_weight`` * R1.
 
-    Real and fake get independent diffusion draws (methods.md 3.6 step 3). R1 is taken with respect
+    Real and fake get independent diffusion draws (docs/methods.md: Diffusion-GAN). R1 is taken with respect
     to the clean real input, through the diffusion (3.3). ``r1_weight`` is gamma / 2 times the lazy
     interval on regularisation steps and 0 otherwise. The real logits feed the controller's
     statistic. ``cond`` goes to D unchanged (e.g. ``y=labels``).
@@ -261,7 +261,7 @@ def _check_config(beta_start: float, beta_end: float, t_min: int, t_max: int, no
 # --------------------------------------------------------------------------- the objective
 
 class DiffusionGANObjective(DiffusionObjective):
-    """DiT + a Diffusion-GAN discriminator as an adversarial regulariser (methods.md 5.3 B).
+    """DiT + a Diffusion-GAN discriminator as an adversarial regulariser (docs/methods.md).
 
     The generator's sample is the denoiser's x0 prediction at its random t. Per step, with one
     forward pass of the denoiser:

@@ -10,8 +10,9 @@
 
 Each network is its own engine with its own optimizer, through accelerate's multi-plugin API: the
 denoiser is prepared by the main Accelerator under plugin "denoiser", each adversary by a second
-Accelerator under plugin "adversary" (platform-facts.md). The adversary's Accelerator also saves
-and loads the adversary's part of a checkpoint (a sub-folder), for ddp and ZeRO alike.
+Accelerator under plugin "adversary" (docs/architecture.md, "DeepSpeed notes"). The adversary's
+Accelerator also saves and loads the adversary's part of a checkpoint (a sub-folder), for ddp and
+ZeRO alike.
 On CPU, processes talk over gloo.
 """
 
@@ -46,7 +47,8 @@ def deepspeed_plugin(cfg: Config, stage: int, grad_clip: float) -> DeepSpeedPlug
     zero: dict[str, Any] = {
         "stage": stage,
         # R1's double backward breaks ZeRO-1/2's contiguous gradient buffer ("list index out of
-        # range" in reduce_ipg_grads, platform-facts.md); off costs some memory locality only.
+        # range" in reduce_ipg_grads; docs/architecture.md, "DeepSpeed notes"); off costs some
+        # memory locality only.
         "contiguous_gradients": False,
     }
     if cfg.distributed.offload_optimizer:

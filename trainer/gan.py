@@ -1,8 +1,8 @@
-"""GAN losses shared by the adversarial objectives (methods.md 1, 3.3, 5.2 items 4 and 8).
+"""GAN losses shared by the adversarial objectives (docs/methods.md, "GAN losses and R1").
 
 D outputs logits, as in both official codebases. Every function casts the logits to float32
 first, so under bf16/fp16 autocast the softplus, the means and the R1 gradient norms are still
-computed in float32 (methods.md 5.2 item 8); the results are float32 scalars.
+computed in float32 (docs/methods.md: GAN losses and R1); the results are float32 scalars.
 
 - Non-saturating (DDGAN and Diffusion-StyleGAN2): L_D = E softplus(-D(real)) + E softplus(D(fake)),
   L_G = E softplus(-D(fake)).
@@ -51,10 +51,10 @@ def r1_penalty(real_logits: torch.Tensor, real_inputs: torch.Tensor) -> torch.Te
     """Batch mean of ||d sum(real_logits) / d real_inputs_i||^2, with the graph kept for backward.
 
     The caller multiplies by ``gamma / 2`` (and, for StyleGAN2-style lazy regularisation, by the
-    interval; DDGAN does not, methods.md 2.10 item 2). Which tensor ``real_inputs`` is decides the
-    penalty: DDGAN takes the real x_{t-1} only, with x_t a detached condition (methods.md 2.4);
+    interval; DDGAN does not, docs/methods.md: DDGAN). Which tensor ``real_inputs`` is decides the
+    penalty: DDGAN takes the real x_{t-1} only, with x_t a detached condition (docs/methods.md: DDGAN);
     Diffusion-GAN takes the clean real image *before* the diffusion, so the gradient passes through
-    sqrt(alphas_cumprod_t) (methods.md 3.3, 3.10 item 5). ``real_inputs`` must require grad and
+    sqrt(alphas_cumprod_t) (docs/methods.md: Diffusion-GAN). ``real_inputs`` must require grad and
     ``real_logits`` must have been computed from it.
     """
     if not real_inputs.requires_grad:

@@ -1,6 +1,6 @@
 """SADM's structure discriminator math: batch affinities, their distance, gathering, t weights.
 
-Everything here is a reconstruction ([INFERRED], methods.md 4.2-4.5): SADM's paper says the
+Everything here is a reconstruction ([INFERRED], docs/methods.md: SADM): SADM's paper says the
 denoiser minimises, and the encoder inside the "comparison-based" structure discriminator
 maximises, a distance between the affinity (structure) matrices of real and generated batches,
 but neither the affinity, the distance, the encoder nor the t-range are known, and no official
@@ -10,12 +10,12 @@ code exists. Each choice is therefore a switch:
   <h_i, h_j> / tau; the diagonal (a sample with itself) is excluded.
 - ``structural_distance``: mean over i != j of |A - A'| or (A - A')^2, or the mean over rows of
   KL(A_i. || A'_i.) for row-softmax affinities.
-- ``gather_rows_with_local_grad``: the affinities of the global batch (methods.md 4.5 item 1).
+- ``gather_rows_with_local_grad``: the affinities of the global batch (docs/methods.md: SADM).
 - ``timestep_weight``: none, an SNR-based down-weighting of large t, or a hard t-range
-  (methods.md 4.5 item 2).
+  (docs/methods.md: SADM).
 
 The real and fake matrices are paired: row i of both belongs to the same sample (the fake is the
-denoiser's x0 prediction from the noised real, methods.md 4.3 item 6). All results are float32.
+denoiser's x0 prediction from the noised real, docs/methods.md: SADM). All results are float32.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def timestep_weight(t: torch.Tensor, alphas_cumprod: np.ndarray | torch.Tensor, 
 # --------------------------------------------------------------------------- the objective
 
 class SADMObjective(DiffusionObjective):
-    """DiT + a structure discriminator (methods.md 4.4, a reconstruction).
+    """DiT + a structure discriminator (a reconstruction: docs/methods.md, "SADM").
 
     Per step, with one forward pass of the denoiser:
     1. the encoder takes an ascent step on D(phi, sg[x0_pred]), the structural distance between

@@ -6,7 +6,7 @@ The point of the benchmark is that it runs the very game code of the DiT trainer
 networks (the toy MLPs of ``models/discriminators.py``) and the data differ.
 
 Data and metrics are the standard VEEGAN / PacGAN definitions, which the Diffusion-GAN paper is
-assumed to follow ([INFERRED], methods.md 3.8: its own definitions were not retrieved):
+assumed to follow ([INFERRED], docs/methods.md: Diffusion-GAN; its own definitions were not retrieved):
 
 - data: an equal mixture of 25 isotropic Gaussians with std 0.05 centred on {-4, -2, 0, 2, 4}^2;
 - a sample is *high quality* if it lies within 3 std (0.15) of its nearest centre;
