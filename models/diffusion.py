@@ -192,6 +192,30 @@ def discretized_gaussian_log_likelihood(
 # --------------------------------------------------------------------------- the process
 
 
+class DeviceTables:
+    """Device copies of host tables (numpy arrays or CPU tensors), made once per device and dtype.
+
+    A fresh host->device copy on every lookup would make each training step wait for the GPU
+    queue to drain. Each copy is stored next to its source array, so a new array that happens to
+    reuse a freed array's id can never be served the old copy. Owners whose tables change call
+    ``clear`` (which also frees the old sources).
+    """
+
+    def __init__(self) -> None:
+        self._copies: dict[tuple[int, torch.device, torch.dtype], tuple[Any, torch.Tensor]] = {}
+
+    def get(self, table: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (id(table), device, dtype)
+        cached = self._copies.get(key)
+        if cached is None or cached[0] is not table:
+            cached = (table, torch.as_tensor(table, dtype=dtype, device=device))
+            self._copies[key] = cached
+        return cached[1]
+
+    def clear(self) -> None:
+        self._copies.clear()
+
+
 class GaussianDiffusion:
     """The forward process q, the model's reverse process p, its training loss and samplers.
 
@@ -217,10 +241,7 @@ class GaussianDiffusion:
         self.num_timesteps = int(betas.size)
         self.timestep_map = self._check_timestep_map(timestep_map)
         self._compute_constants()
-        # Device copies of the tables, filled lazily; see _table.
-        self._device_tables: dict[
-            tuple[int, torch.device, torch.dtype], tuple[np.ndarray, torch.Tensor]
-        ] = {}
+        self._device_tables = DeviceTables()
 
     def _check_timestep_map(self, timestep_map: Iterable[int] | np.ndarray | None) -> np.ndarray:
         if timestep_map is None:
@@ -260,15 +281,7 @@ class GaussianDiffusion:
     # ----------------------------------------------------------------------- lookups
 
     def _table(self, arr: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-        # Cached per device/dtype: a fresh host->device copy on every lookup would make each
-        # training step wait for the GPU queue to drain.
-        # The array is stored next to its copy so that its id cannot be reused by another array.
-        key = (id(arr), like.device, like.dtype)
-        cached = self._device_tables.get(key)
-        if cached is None or cached[0] is not arr:
-            cached = (arr, torch.as_tensor(arr, dtype=like.dtype, device=like.device))
-            self._device_tables[key] = cached
-        return cached[1]
+        return self._device_tables.get(arr, like.device, like.dtype)
 
     def _extract(self, arr: np.ndarray, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``arr[t]`` as a (B, 1, ..., 1) tensor in x's dtype and device, broadcastable to x."""
@@ -416,7 +429,9 @@ class GaussianDiffusion:
     ) -> dict[str, torch.Tensor]:
         """DiT's loss: eps MSE plus, when learning sigma, the VLB term for the variance only.
 
-        Returns per-sample (shape [B]) ``loss``, ``mse`` and ``vb``. The VLB term sees the eps
+        Returns per-sample (shape [B]) ``loss``, ``mse`` and ``vb``, and the batch's noised input
+        ``x_t`` and predicted ``eps`` (with its gradient) for objectives that build on the
+        prediction (an x0 estimate: ``predict_xstart_from_eps(x_t, t, eps)``). The VLB term sees the eps
         prediction detached, so it trains the variance channels alone and the mean is trained by
         the MSE only (Improved DDPM's hybrid loss). Unlike ADM's RESCALED_MSE, ``vb`` is not
         multiplied by num_timesteps / 1000: DiT trains with plain MSE. The model output is cast
@@ -432,7 +447,7 @@ class GaussianDiffusion:
         else:
             frozen_mean_output = torch.cat([eps.detach(), v], dim=1)
             vb = self.vb_terms_bpd(frozen_mean_output, x_start, x_t, t)
-        return {"loss": mse + vb, "mse": mse, "vb": vb}
+        return {"loss": mse + vb, "mse": mse, "vb": vb, "x_t": x_t, "eps": eps}
 
     # ----------------------------------------------------------------------- respacing
 

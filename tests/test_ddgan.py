@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from advdit.trainer.ddgan import DDGANSchedule
+from advdit.trainer.objectives.ddgan import DDGANSchedule
 
 from helpers import gen
 

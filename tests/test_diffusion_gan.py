@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from advdit.trainer.diffusion_gan import AdaptiveDiffusion, AdaStats
+from advdit.trainer.objectives.diffusion_gan import AdaptiveDiffusion, AdaStats
 
 from helpers import gen
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from advdit.trainer.gan import (
+from advdit.trainer.objectives.gan import (
     d_loss_hinge,
     d_loss_nonsaturating,
     g_loss_hinge,

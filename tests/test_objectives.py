@@ -9,7 +9,7 @@ import torch
 
 from advdit.trainer.checkpoint import complete_checkpoints
 from advdit.trainer.loop import Trainer, train
-from advdit.trainer.objectives import StepContext
+from advdit.trainer.objectives.base import StepContext
 
 from helpers import tiny_config
 
@@ -62,15 +62,16 @@ def test_sadm_step_is_a_minimax(tmp_path: Path, tiny_shards: Path) -> None:
     trainer = Trainer(cfg, progress=False)
     trainer.build()
     objective = trainer.objective
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.rand(8, 3, 16, 16, generator=generator) * 2 - 1
+    objective.denoiser.grad_clip = 1e9
+    rng = torch.Generator().manual_seed(0)
+    latents = torch.rand(8, 3, 16, 16, generator=rng) * 2 - 1
     labels = torch.arange(8) % 10
-    ctx = StepContext(trainer.accelerator, cfg.run.seed, step=0, grad_clip=1e9)
-    before = objective.denoise(latents, labels, ctx.generator(latents.device))
+    ctx = StepContext(trainer.accelerator, cfg.run.seed, step=0)
+    before = objective.denoise(latents, labels, ctx.rng(latents.device))
     with torch.no_grad():
         distance_before = objective.distance(latents, before.x0_pred, before.t)
     objective.train_step(latents, labels, ctx)
-    after = objective.denoise(latents, labels, ctx.generator(latents.device))  # same t and noise
+    after = objective.denoise(latents, labels, ctx.rng(latents.device))  # same t and noise
     with torch.no_grad():
         encoder_view = objective.distance(latents, before.x0_pred, before.t)
         denoiser_view = objective.distance(latents, after.x0_pred, after.t)
@@ -96,19 +97,19 @@ def test_ddgan_reads_the_dit_output_as_configured(parameterization: str, tmp_pat
     cfg = config(tmp_path, tiny_shards, "ddgan", f"ddgan.parameterization={parameterization}")
     trainer = Trainer(cfg, progress=False)
     trainer.build()
-    objective, model = trainer.objective, trainer.model
+    chain, model = trainer.objective.chain, trainer.model
     for p in model.parameters():  # leave adaLN-Zero's all-zero output
         p.data.add_(0.02 * torch.randn_like(p))
     x_next, z = torch.randn(3, 3, 16, 16), torch.randn(3, 8)
     t, labels = torch.tensor([0, 1, 3]), torch.tensor([1, 2, 3])
     with torch.no_grad():
-        x0 = objective.predict_x0(model, x_next, t, z, labels)
-        out = model(x_next, objective.dit_timesteps[t + 1], labels, z)[:, :3]
+        x0 = chain.predict_x0(model, x_next, t, z, labels)
+        out = model(x_next, chain.dit_timesteps[t + 1], labels, z)[:, :3]
     if parameterization == "x0":
         assert torch.allclose(x0, out)
     else:
-        acp = torch.as_tensor(objective.schedule.alphas_cumprod, dtype=torch.float32)[t + 1].view(-1, 1, 1, 1)
+        acp = torch.as_tensor(chain.schedule.alphas_cumprod, dtype=torch.float32)[t + 1].view(-1, 1, 1, 1)
         assert torch.allclose(x0, (x_next - (1 - acp).sqrt() * out) / acp.sqrt(), rtol=1e-4, atol=1e-4)
     # The DiT timestep of each DDGAN level has the nearest alphas_cumprod of DiT's schedule.
-    dit_acp = objective.diffusion.alphas_cumprod[objective.dit_timesteps.numpy()]
-    assert abs(dit_acp - objective.schedule.alphas_cumprod).max() < 0.01
+    dit_acp = trainer.objective.denoiser.diffusion.alphas_cumprod[chain.dit_timesteps.numpy()]
+    assert abs(dit_acp - chain.schedule.alphas_cumprod).max() < 0.01

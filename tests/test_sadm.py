@@ -16,8 +16,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from advdit.trainer.diffusion_gan import AdaptiveDiffusion
-from advdit.trainer.sadm import affinity, gather_rows_with_local_grad, structural_distance, timestep_weight
+from advdit.trainer.objectives.diffusion_gan import AdaptiveDiffusion
+from advdit.trainer.objectives.sadm import (
+    affinity,
+    gather_rows_with_local_grad,
+    structural_distance,
+    timestep_weight,
+)
 
 from helpers import free_port
 

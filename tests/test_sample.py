@@ -15,11 +15,11 @@ from PIL import Image
 
 from advdit.launchers.cli import main
 from advdit.models.diffusion import build_diffusion, randn
-from advdit.trainer.ddgan import DDGANSchedule
-from advdit.trainer.evaluate import balanced_labels, image_generators, read_labels
+from advdit.trainer.evaluate import balanced_labels, image_rngs, read_labels
 from advdit.trainer.export import export_weights
 from advdit.trainer.fid import FidError
 from advdit.trainer.loop import train
+from advdit.trainer.objectives.ddgan import DDGANSchedule
 
 from helpers import gen, tiny_config
 
@@ -49,8 +49,8 @@ def test_per_sample_generators_make_each_row_independent_of_its_batch() -> None:
     alone = schedule.sample(generator_fn, (1, 1, 2, 2), None, [gen(1)], latent_dim=4)
     torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=1e-6)
     # A generator's seed is (seed, sample number): not shifted by where the batch starts.
-    first = image_generators(7, range(2, 4), torch.device("cpu"))[0]
-    again = image_generators(7, range(0, 3), torch.device("cpu"))[2]
+    first = image_rngs(7, range(2, 4), torch.device("cpu"))[0]
+    again = image_rngs(7, range(0, 3), torch.device("cpu"))[2]
     assert torch.equal(torch.randn(5, generator=first), torch.randn(5, generator=again))
 
 

@@ -7,9 +7,14 @@ import torch.distributed as dist
 from accelerate import Accelerator
 
 
+def initialized() -> bool:
+    """Whether a default process group exists (torchrun, accelerate launch, Slurm)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of the default process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
+    if initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 

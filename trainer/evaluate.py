@@ -29,11 +29,11 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from ..models.diffusion import Generators, build_diffusion
+from ..models.diffusion import Generators
 from ..models.vae import PixelCodec, SDVAECodec, load_codec
 from .checkpoint import META, CheckpointError, read_meta
 from .config import Config, ConfigError, load_config, unflatten
-from .distributed import world
+from .distributed import initialized, world
 from .engines import make_accelerator
 from .export import ema_state, raw_state
 from .fid import (
@@ -50,7 +50,9 @@ from .fid import (
     score,
     write_npz_images,
 )
-from .objectives import Denoiser, DiffusionObjective, build_denoiser, objective_class
+from .objectives import build_denoiser, objective_class
+from .objectives.base import LatentSampler
+from .seeding import seeded_rng
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +72,16 @@ def grid_labels(cfg: Config) -> list[int]:
 
 
 @torch.no_grad()
-def sample_images(model: nn.Module, objective: DiffusionObjective, codec: PixelCodec | SDVAECodec,
-                  labels: torch.Tensor, generator: Generators,
-                  autocast: Autocast = nullcontext) -> torch.Tensor:
-    """Images in [-1, 1] for ``labels``, drawn the way the objective samples (diffusion or DDGAN);
-    ``autocast`` covers the denoiser only (the VAE decodes in float32)."""
+def sample_images(model: nn.Module, sample_latents: LatentSampler, codec: PixelCodec | SDVAECodec,
+                  labels: torch.Tensor, rng: Generators, autocast: Autocast = nullcontext) -> torch.Tensor:
+    """Images in [-1, 1] for ``labels``, drawn by ``sample_latents`` (the objective's sampler:
+    diffusion or DDGAN); ``autocast`` covers the denoiser only (the VAE decodes in float32)."""
     was_training = model.training
     model.eval()
     # Pixels live in [-1, 1], so clipping the x0 estimate at each step is safe there (ADM does it);
     # latents have no fixed range and are left alone.
     with autocast():
-        latents = objective.sample(model, labels, generator, clip_denoised=isinstance(codec, PixelCodec))
+        latents = sample_latents(model, labels, rng, isinstance(codec, PixelCodec))
     model.train(was_training)
     return codec.decode(latents.float()).clamp(-1, 1)
 
@@ -114,7 +115,7 @@ def save_grid(images: torch.Tensor, columns: int, path: str | Path, scale: int =
     return path
 
 
-def sample_grid(model: nn.Module, objective: DiffusionObjective, cfg: Config,
+def sample_grid(model: nn.Module, sample_latents: LatentSampler, cfg: Config,
                 codec: PixelCodec | SDVAECodec, device: torch.device, path: str | Path,
                 should_stop: Callable[[], bool] | None = None) -> Path:
     """A grid with one column per class and ``sample.grid_rows`` rows; the same seeds every time,
@@ -126,8 +127,8 @@ def sample_grid(model: nn.Module, objective: DiffusionObjective, cfg: Config,
     for row in range(cfg.sample.grid_rows):
         if should_stop is not None and should_stop():
             raise EvaluationInterrupted(f"stopped by a signal after {row} of {cfg.sample.grid_rows} rows")
-        generator = torch.Generator(device=device).manual_seed(cfg.run.seed + row)
-        rows.append(sample_images(model, objective, codec, labels, generator))
+        rng = torch.Generator(device=device).manual_seed(cfg.run.seed + row)
+        rows.append(sample_images(model, sample_latents, codec, labels, rng))
     scale = max(1, 128 // cfg.data.image_size)
     return save_grid(torch.cat(rows), len(classes), path, scale=scale)
 
@@ -156,22 +157,17 @@ def read_labels(path: str | Path, count: int, num_classes: int) -> np.ndarray:
     return labels
 
 
-def image_generators(seed: int, indices: range, device: torch.device) -> list[torch.Generator]:
+def image_rngs(seed: int, indices: range, device: torch.device) -> list[torch.Generator]:
     """One generator per sample, seeded by (seed, sample number) alone."""
-    generators = []
-    for index in indices:
-        state = np.random.SeedSequence([seed, index]).generate_state(2)
-        seed64 = (int(state[0]) << 32 | int(state[1])) & ((1 << 63) - 1)
-        generators.append(torch.Generator(device=device).manual_seed(seed64))
-    return generators
+    return [seeded_rng(seed, index, device=device) for index in indices]
 
 
 @dataclass
 class Sampler:
-    """A denoiser ready to sample: the network, its objective (which knows how it samples), the codec."""
+    """A denoiser ready to sample: the network, its objective's sampler, the codec."""
 
     model: nn.Module
-    objective: DiffusionObjective
+    sample_latents: LatentSampler
     codec: PixelCodec | SDVAECodec
     device: torch.device
     autocast: Autocast = nullcontext
@@ -193,8 +189,8 @@ class Sampler:
                 continue
             batch = batches[index]
             y = torch.as_tensor(labels[batch.start:batch.stop], device=self.device)
-            images = sample_images(self.model, self.objective, self.codec, y,
-                                   image_generators(seed, batch, self.device), self.autocast)
+            images = sample_images(self.model, self.sample_latents, self.codec, y,
+                                   image_rngs(seed, batch, self.device), self.autocast)
             yield batch, quantize(images)
 
 
@@ -259,12 +255,8 @@ def load_sampler(source: str | Path, cfg: Config, weights: str = "ema") -> tuple
     model = build_denoiser(cfg, codec.channels, latent_size)
     model.load_state_dict(state)
     model.to(device).eval().requires_grad_(False)
-    diffusion = build_diffusion(cfg.diffusion.steps, cfg.diffusion.beta_start, cfg.diffusion.beta_end,
-                                cfg.model.learn_sigma)
-    # Sampling needs no optimizer; the objective's adversaries are built but never used.
-    denoiser = Denoiser(model, None, None, diffusion, codec.channels, latent_size)
-    objective = objective_class(cfg.objective)(cfg, accelerator, denoiser)
-    return Sampler(model, objective, codec, device, accelerator.autocast), accelerator
+    sample_latents = objective_class(cfg.objective).sampler(cfg, codec.channels, latent_size)
+    return Sampler(model, sample_latents, codec, device, accelerator.autocast), accelerator
 
 
 class SampleWriter:
@@ -297,7 +289,7 @@ class SampleWriter:
         """Wait for every rank, then (rank 0) join the parts in sample order into the .npz."""
         if self.part:
             self.part.close()
-        if dist.is_available() and dist.is_initialized():
+        if initialized():
             dist.barrier()
         if not self.npz or self.rank != 0:
             return self.npz

@@ -16,7 +16,6 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from ..models.diffusion import build_diffusion
 from ..models.vae import load_codec
 from .checkpoint import (
     Checkpointed,
@@ -37,14 +36,8 @@ from .ema import EMA
 from .engines import make_accelerator
 from .evaluate import EvaluationInterrupted, Sampler, TrainingFID, sample_grid
 from .fid import metric_name
-from .objectives import (
-    VAE_STREAM,
-    Denoiser,
-    StepContext,
-    build_denoiser,
-    objective_class,
-    step_generator,
-)
+from .objectives import build_denoiser, objective_class
+from .objectives.base import VAE_STREAM, Denoiser, StepContext, diffusion_of, step_rng
 from .preemption import PreemptionGuard
 from .runlock import RunLock, RunLockedError
 from .tracking import (
@@ -209,13 +202,12 @@ class Trainer:
         self.ema.model.to(accelerator.device)
         optimizer, scheduler = build_optimizer(model, cfg)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
-        diffusion = build_diffusion(cfg.diffusion.steps, cfg.diffusion.beta_start,
-                                    cfg.diffusion.beta_end, cfg.model.learn_sigma)
         # The objective prepares its own adversaries: after the denoiser, so the denoiser stays
         # accelerate's model 0 in every checkpoint.
-        denoiser = Denoiser(self.model, self.optimizer, self.scheduler, diffusion, self.codec.channels,
-                            latent_size)
-        self.objective = objective_class(cfg.objective)(cfg, accelerator, denoiser)
+        denoiser = Denoiser(accelerator, self.model, self.optimizer, self.scheduler, diffusion_of(cfg),
+                            self.codec.channels, latent_size, grad_clip=cfg.optim.grad_clip)
+        self.objective = objective_class(cfg.objective)(cfg, denoiser)
+        self.sample_latents = self.objective.sampler(cfg, self.codec.channels, latent_size)
         self.num_params = sum(p.numel() for p in model.parameters())
         adversaries = self.objective.adversaries()
         self.checkpointed = Checkpointed(
@@ -339,8 +331,9 @@ class Trainer:
         # Between rows the main process looks at its own signal flag (a collective would need
         # every rank); the ranks agree on stopping right after the evaluation.
         try:
-            path = sample_grid(self.ema.model, self.objective, self.cfg, self.codec, self.accelerator.device,
-                               path, should_stop=lambda: bool(self.preemption.received))
+            path = sample_grid(self.ema.model, self.sample_latents, self.cfg, self.codec,
+                               self.accelerator.device, path,
+                               should_stop=lambda: bool(self.preemption.received))
         except EvaluationInterrupted as err:
             logger.warning("sample grid of step %d abandoned: %s", self.state.step, err)
             return None
@@ -354,7 +347,7 @@ class Trainer:
         if not self.fid.due(step, last):
             return
         self.ema.gather()
-        sampler = Sampler(self.ema.model, self.objective, self.codec, self.accelerator.device,
+        sampler = Sampler(self.ema.model, self.sample_latents, self.codec, self.accelerator.device,
                           self.accelerator.autocast, should_stop=self.preemption.should_stop)
         try:
             metrics = self.fid.after_step(step, last, sampler)
@@ -438,17 +431,16 @@ class Trainer:
     def latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """The denoiser's input: encoded images, or a posterior sample from stored moments."""
         device = self.accelerator.device
-        generator = step_generator(self.cfg.run.seed, self.accelerator.process_index, self.state.step,
-                                   device, VAE_STREAM)
+        rng = step_rng(self.cfg.run.seed, self.accelerator.process_index, self.state.step, device, VAE_STREAM)
         if "moments" in batch:
-            return self.codec.sample_moments(batch["moments"].to(device, non_blocking=True), generator)
+            return self.codec.sample_moments(batch["moments"].to(device, non_blocking=True), rng)
         images = normalize_images(batch["images"].to(device, non_blocking=True))
-        return self.codec.encode(images, generator=generator)
+        return self.codec.encode(images, generator=rng)
 
     def train_step(self, latents: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The objective's step (forward, backward, optimizer steps) and the EMA update: what the
         loop runs per batch and ``advdit bench`` times."""
-        ctx = StepContext(self.accelerator, self.cfg.run.seed, self.state.step, self.cfg.optim.grad_clip)
+        ctx = StepContext(self.accelerator, self.cfg.run.seed, self.state.step)
         metrics = self.objective.train_step(latents, labels, ctx)
         self.ema.update(self.accelerator.unwrap_model(self.model))  # under ZeRO-3 on this rank's slices
         return metrics

@@ -23,6 +23,7 @@ import json
 import math
 import time
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,12 @@ from ..models.discriminators import (
     ToyPairDiscriminator,
     ToyTimeDiscriminator,
 )
-from . import ddgan, diffusion_gan
 from .config import ConfigError
 from .ema import EMA
-from .gan import d_loss_nonsaturating, g_loss_nonsaturating
+from .objectives import ddgan, diffusion_gan
+from .objectives.base import Terms, adversarial_round, check_finite, frozen_parameters
+from .objectives.gan import d_loss_nonsaturating, g_loss_nonsaturating
+from .seeding import seed_of, seeded_rng
 
 METHODS = ("gan", "diffusion_gan", "ddgan")
 GRID = (-4.0, -2.0, 0.0, 2.0, 4.0)
@@ -137,23 +140,30 @@ DEFAULTS: dict[str, ToySettings] = {
 }
 
 
-def _stream_seed(seed: int, stream: int) -> int:
-    state = np.random.SeedSequence([seed, stream]).generate_state(2)
-    return (int(state[0]) << 32 | int(state[1])) & ((1 << 63) - 1)
-
-
-def _generator(seed: int, stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_stream_seed(seed, stream))
-
-
-def _initialise(module: nn.Module, generator: torch.Generator) -> nn.Module:
-    """PyTorch's default ``nn.Linear`` initialisation, drawn from ``generator`` instead of the global RNG."""
+def _initialise(module: nn.Module, rng: torch.Generator) -> nn.Module:
+    """PyTorch's default ``nn.Linear`` initialisation, drawn from ``rng`` instead of the global RNG."""
     for layer in module.modules():
         if isinstance(layer, nn.Linear):
-            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=rng)
             bound = 1 / math.sqrt(layer.in_features)
-            nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+            nn.init.uniform_(layer.bias, -bound, bound, generator=rng)
     return module
+
+
+class ToyPlayer:
+    """A toy network with its Adam optimizer, as a player of ``adversarial_round``."""
+
+    def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, role: str) -> None:
+        self.net, self.optimizer, self.role = net, optimizer, role
+
+    def step(self, loss: torch.Tensor, at_step: int, method: str) -> None:
+        check_finite(loss, f"{method} {self.role} loss", at_step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def frozen(self) -> AbstractContextManager[None]:
+        return frozen_parameters(self.net)
 
 
 # --------------------------------------------------------------------------- the three games
@@ -161,6 +171,8 @@ def _initialise(module: nn.Module, generator: torch.Generator) -> nn.Module:
 
 class ToyGame(ABC):
     """One method: its networks and optimisers, one training iteration, sampling, D's view."""
+
+    method: str  # the name in METHODS, used in errors
 
     def __init__(self, settings: ToySettings, generator_net: nn.Module, disc: nn.Module,
                  init: torch.Generator) -> None:
@@ -171,30 +183,25 @@ class ToyGame(ABC):
         self.ema = EMA(self.live_generator, settings.ema_decay, warmup=True)
         self.opt_g = torch.optim.Adam(self.live_generator.parameters(), lr=settings.lr_g, betas=betas)
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=settings.lr_d, betas=betas)
+        self.g_player = ToyPlayer(self.live_generator, self.opt_g, "generator")
+        self.d_player = ToyPlayer(self.disc, self.opt_d, "discriminator")
         self.schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(
             opt, settings.iterations, eta_min=opt.param_groups[0]["lr"] * settings.lr_final)
             for opt in (self.opt_g, self.opt_d)]
         self.iteration = 0
 
     def train_step(self, real: torch.Tensor, rng: torch.Generator) -> dict[str, float]:
-        """A D step then a G step (D frozen), as DDGAN's loop; returns the losses."""
+        """A D step then a G step (D frozen), the trainer's own round; returns the losses."""
         r1_weight = self._r1_weight()
-        self.opt_d.zero_grad(set_to_none=True)
-        d_terms = self.d_terms(real, rng, r1_weight)
-        d_terms["loss"].backward()
-        self.opt_d.step()
-
-        self.disc.requires_grad_(False)
-        self.opt_g.zero_grad(set_to_none=True)
-        g_loss = self.g_loss(real, rng)
-        g_loss.backward()
-        self.opt_g.step()
+        played = adversarial_round(self.d_player, lambda: self.d_terms(real, rng, r1_weight),
+                                   self.g_player, lambda: {"loss": self.g_loss(real, rng)}, self.iteration,
+                                   self.method)
         self.ema.update(self.live_generator)
-        self.disc.requires_grad_(True)
         for scheduler in self.schedulers:
             scheduler.step()
         self.iteration += 1
-        return {"loss_d": d_terms["loss"].item(), "loss_g": g_loss.item()} | self.after_step(rng)
+        losses = {"loss_d": played.adversary["loss"].item(), "loss_g": played.denoiser["loss"].item()}
+        return losses | self.after_step(rng)
 
     def _r1_weight(self) -> float:
         # StyleGAN2's lazy R1 scales gamma / 2 by the interval; with interval 1 this is DDGAN's form.
@@ -206,7 +213,7 @@ class ToyGame(ABC):
         return torch.randn((n, self.settings.latent_dim), generator=rng)
 
     @abstractmethod
-    def d_terms(self, real: torch.Tensor, rng: torch.Generator, r1_weight: float) -> dict[str, torch.Tensor]:
+    def d_terms(self, real: torch.Tensor, rng: torch.Generator, r1_weight: float) -> Terms:
         """D's loss terms for one real batch (the fakes detached)."""
 
     @abstractmethod
@@ -253,6 +260,8 @@ class LatentGame(ToyGame):
 class VanillaGAN(LatentGame):
     """G(z) against an MLP D on clean points, non-saturating loss, no regulariser."""
 
+    method = "gan"
+
     def __init__(self, settings: ToySettings, init: torch.Generator) -> None:
         super().__init__(settings, MLP(2, 1, settings.hidden, negative_slope=settings.negative_slope), init)
 
@@ -269,7 +278,9 @@ class VanillaGAN(LatentGame):
 
 
 class DiffusionGAN(LatentGame):
-    """G(z) against D(y, t) on adaptively diffused points: trainer/diffusion_gan.py's game."""
+    """G(z) against D(y, t) on adaptively diffused points: trainer/objectives/diffusion_gan.py's game."""
+
+    method = "diffusion_gan"
 
     def __init__(self, settings: ToySettings, init: torch.Generator, controller_seed: int) -> None:
         s = settings
@@ -297,7 +308,10 @@ class DiffusionGAN(LatentGame):
 
 
 class DDGAN(ToyGame):
-    """G(x_{t+1}, z, t) -> x0' and posterior sampling against D(x_t, x_{t+1}, t): trainer/ddgan.py's game."""
+    """G(x_{t+1}, z, t) -> x0' and posterior sampling against D(x_t, x_{t+1}, t): the game of
+    trainer/objectives/ddgan.py."""
+
+    method = "ddgan"
 
     def __init__(self, settings: ToySettings, init: torch.Generator) -> None:
         s = settings
@@ -341,11 +355,11 @@ class DDGAN(ToyGame):
 
 
 def build_game(method: str, settings: ToySettings, seed: int) -> ToyGame:
-    init = _generator(seed, _INIT_STREAM)
+    init = seeded_rng(seed, _INIT_STREAM)
     if method == "gan":
         return VanillaGAN(settings, init)
     if method == "diffusion_gan":
-        return DiffusionGAN(settings, init, _stream_seed(seed, _CONTROLLER_STREAM))
+        return DiffusionGAN(settings, init, seed_of(seed, _CONTROLLER_STREAM))
     if method == "ddgan":
         return DDGAN(settings, init)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -356,7 +370,7 @@ def build_game(method: str, settings: ToySettings, seed: int) -> ToyGame:
 
 def train_game(game: ToyGame, iterations: int, seed: int, progress: bool = True) -> dict[str, float]:
     """``iterations`` training steps on fresh data batches; returns the last step's values."""
-    rng = _generator(seed, _TRAIN_STREAM)
+    rng = seeded_rng(seed, _TRAIN_STREAM)
     values: dict[str, float] = {}
     bar = tqdm(range(iterations), desc=type(game).__name__, disable=not progress, mininterval=1.0)
     for step in bar:
@@ -403,7 +417,7 @@ def run_toy(method: str, out_dir: str | Path, overrides: dict[str, Any] | None =
     last = train_game(game, settings.iterations, seed, progress)
     train_seconds = time.perf_counter() - start
 
-    eval_rng = _generator(seed, _EVAL_STREAM)
+    eval_rng = seeded_rng(seed, _EVAL_STREAM)
     samples = game.sample(NUM_EVAL_SAMPLES, eval_rng)
     real = sample_data(NUM_EVAL_SAMPLES, eval_rng)
     real_logits, fake_logits = game.critic(real, eval_rng)

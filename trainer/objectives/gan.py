@@ -69,6 +69,10 @@ def sign_statistic(real_logits: torch.Tensor) -> torch.Tensor:
     return torch.sign(_as_float32(real_logits, "real_logits").detach()).mean()
 
 
+# Metric name -> term of ``discriminator_terms``: what the loop logs of a discriminator's step.
+DISC_METRICS = {"loss_d": "loss", "d_real": "d_real", "d_fake": "d_fake", "r1": "r1"}
+
+
 def discriminator_terms(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_inputs: torch.Tensor,
                         r1_weight: float) -> dict[str, torch.Tensor]:
     """D's non-saturating loss plus ``r1_weight`` * R1 w.r.t. ``real_inputs``, with the mean logits.

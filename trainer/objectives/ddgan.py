@@ -23,18 +23,28 @@ them in float32, where 1 - 1e-8 rounds to 1, so its level-0 noise std is exactly
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from torch import nn
 
-from ..models.diffusion import Generators, randn
-from ..models.discriminators import PairDiscriminator
-from .config import Config
-from .gan import discriminator_terms, g_loss_nonsaturating
-from .objectives import Adversary, Denoiser, DiffusionObjective, StepContext, check_finite, drop_labels
+from ...models.diffusion import DeviceTables, Generators, randn
+from ...models.discriminators import PairDiscriminator
+from ..config import Config
+from .base import (
+    Adversary,
+    Denoiser,
+    LatentSampler,
+    Metrics,
+    Objective,
+    StepContext,
+    adversarial_round,
+    diffusion_of,
+    drop_labels,
+)
+from .gan import DISC_METRICS, discriminator_terms, g_loss_nonsaturating
 
 # generator_fn(x_t, t, z, y) -> x0' : the DDGAN generator, t the step index in [0, T).
 GeneratorFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -64,7 +74,7 @@ class DDGANSchedule:
         self.betas = np.append(_FIRST_BETA, 1.0 - grid_acp[1:] / grid_acp[:-1])  # (T + 1,)
         self._forward_tables()
         self._posterior_tables()
-        self._device_tables: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self._device_tables = DeviceTables()
 
     def _forward_tables(self) -> None:
         # Level-indexed (T + 1,): one forward step x_{k+1} = a_{k+1} x_k + sqrt(beta_{k+1}) eps.
@@ -92,11 +102,8 @@ class DDGANSchedule:
         """table[t] as (B, 1, ..., 1) in like's dtype and device; device copies are cached."""
         if t.ndim != 1 or t.shape[0] != like.shape[0]:
             raise ValueError(f"t has shape {tuple(t.shape)}, expected ({like.shape[0]},) to match the batch")
-        key = (name, like.device, like.dtype)
-        if key not in self._device_tables:
-            self._device_tables[key] = torch.as_tensor(getattr(self, name), dtype=like.dtype,
-                                                       device=like.device)
-        values = self._device_tables[key][t.to(device=like.device, dtype=torch.long)]
+        table = self._device_tables.get(getattr(self, name), like.device, like.dtype)
+        values = table[t.to(device=like.device, dtype=torch.long)]
         return values.reshape(-1, *([1] * (like.ndim - 1)))
 
     # ----------------------------------------------------------------------- forward process
@@ -198,16 +205,67 @@ def _first(generator: Generators) -> torch.Generator:
     return generator if isinstance(generator, torch.Generator) else generator[0]
 
 
+# --------------------------------------------------------------------------- the DiT as G
+
+Autocast = Callable[[], AbstractContextManager[Any]]
+
+
+class FewStepDiT:
+    """A DiT read as DDGAN's generator G(x_{t+1}, z, t) -> x0', and its NFE = T sampler.
+
+    G is given the DiT timestep whose alphas_cumprod is nearest to that of the DDGAN level, with z
+    entering through the DiT's zero-initialised z embedding. Its first C output channels are x0'
+    (``parameterization: x0``, as DDGAN), or eps turned into x0' (``eps``, so a pretrained DiT
+    starts as a sensible denoiser; ill-conditioned at the noisiest level, where x0 = (x - sigma
+    eps) / a divides by a ~ 0.007) [INFERRED].
+    """
+
+    def __init__(self, cfg: Config, channels: int, latent_size: int,
+                 autocast: Autocast = nullcontext) -> None:
+        dd = cfg.ddgan
+        self.schedule = DDGANSchedule(dd.num_steps, dd.beta_min, dd.beta_max)
+        self.parameterization, self.z_dim = dd.parameterization, dd.z_dim
+        self.channels, self.latent_size = channels, latent_size
+        self.autocast = autocast
+        gaps = np.abs(diffusion_of(cfg).alphas_cumprod[None, :] - self.schedule.alphas_cumprod[:, None])
+        self.dit_timesteps = torch.as_tensor(gaps.argmin(axis=1), dtype=torch.long)  # per DDGAN level
+
+    def predict_x0(self, model: nn.Module, x_next: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
+                   labels: torch.Tensor | None) -> torch.Tensor:
+        """G(x_{t+1}, z, t): x0' from the DiT's output at level t + 1."""
+        level = t + 1
+        dit_t = self.dit_timesteps.to(t.device)[level]
+        with self.autocast():
+            output = model(x_next, dit_t, labels, z)[:, : self.channels].float()
+        if self.parameterization == "x0":
+            return output
+        eps = output
+        signal = self.schedule.extract("marginal_mean_coef", level, x_next)
+        noise = self.schedule.extract("marginal_std", level, x_next)
+        return (x_next - noise * eps) / signal
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, labels: torch.Tensor, rng: Generators,
+               clip_denoised: bool) -> torch.Tensor:
+        """NFE = num_steps posterior sampling (x0' clipped to [-1, 1] in pixel space), no guidance."""
+        def generator_fn(x: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
+                         y: torch.Tensor | None) -> torch.Tensor:
+            x0 = self.predict_x0(model, x, t, z, y)
+            return x0.clamp(-1, 1) if clip_denoised else x0
+
+        shape = (len(labels), self.channels, self.latent_size, self.latent_size)
+        return self.schedule.sample(generator_fn, shape, labels, rng, self.z_dim)
+
+
+def few_step_sampler(cfg: Config, channels: int, latent_size: int) -> LatentSampler:
+    return FewStepDiT(cfg, channels, latent_size).sample
+
+
 # --------------------------------------------------------------------------- the objective
 
-class DDGANObjective(DiffusionObjective):
+class DDGANObjective(Objective):
     """A few-step DiT whose every reverse step is a conditional GAN (docs/methods.md: DDGAN).
 
-    The DiT is the generator G(x_{t+1}, z, t) -> x0', given the DiT timestep whose alphas_cumprod
-    is nearest to that of the DDGAN level, with z entering through its zero-initialised z
-    embedding. Its first C output channels are x0' (``parameterization: x0``, as DDGAN), or eps
-    turned into x0' (``eps``, so a pretrained DiT starts as a sensible denoiser; ill-conditioned at
-    the noisiest level, where x0 = (x - sigma eps) / a divides by a ~ 0.007) [INFERRED].
     Per step, as the official loop: a D step on a real pair and a generated x_t drawn from the
     posterior q(x_t | x_{t+1}, x0'), with R1 on the real x_t every ``r1_interval`` steps; then a G
     step on freshly drawn t, pairs and z. ``mse_weight`` adds an optional ||x0' - x0||^2 term (not
@@ -215,84 +273,51 @@ class DDGANObjective(DiffusionObjective):
     """
 
     name = "ddgan"
+    adversary_names = ("disc",)
+    sampler = staticmethod(few_step_sampler)
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, denoiser: Denoiser) -> None:
-        super().__init__(cfg, accelerator, denoiser)
-        dd = cfg.ddgan
-        self.schedule = DDGANSchedule(dd.num_steps, dd.beta_min, dd.beta_max)
+    def __init__(self, cfg: Config, denoiser: Denoiser) -> None:
+        super().__init__(cfg, denoiser)
+        denoiser.role = "generator"
+        self.chain = FewStepDiT(cfg, denoiser.channels, denoiser.latent_size, denoiser.accelerator.autocast)
         disc = PairDiscriminator(denoiser.channels, denoiser.latent_size, cfg.model.num_classes,
-                                 cfg.disc.base_channels, cfg.disc.num_blocks, num_steps=dd.num_steps)
-        self.disc = Adversary(accelerator, disc, cfg.disc)
-        # For each DDGAN level, the DiT timestep with the nearest alphas_cumprod.
-        gaps = np.abs(self.diffusion.alphas_cumprod[None, :] - self.schedule.alphas_cumprod[:, None])
-        self.dit_timesteps = torch.as_tensor(gaps.argmin(axis=1), dtype=torch.long)
+                                 cfg.disc.base_channels, cfg.disc.num_blocks, num_steps=cfg.ddgan.num_steps)
+        self.disc = Adversary(denoiser.accelerator, disc, cfg.disc)
 
     @staticmethod
     def denoiser_kwargs(cfg: Config) -> dict[str, Any]:
         return {"z_dim": cfg.ddgan.z_dim}
 
-    def predict_x0(self, model: nn.Module, x_next: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
-                   labels: torch.Tensor | None) -> torch.Tensor:
-        """G(x_{t+1}, z, t): x0' from the DiT's output at level t + 1."""
-        level = t + 1
-        dit_t = self.dit_timesteps.to(t.device)[level]
-        with self.accelerator.autocast():
-            output = model(x_next, dit_t, labels, z)[:, : self.channels].float()
-        if self.cfg.ddgan.parameterization == "x0":
-            return output
-        eps = output
-        signal = self.schedule.extract("marginal_mean_coef", level, x_next)
-        noise = self.schedule.extract("marginal_std", level, x_next)
-        return (x_next - noise * eps) / signal
-
-    def fake_pair(self, latents: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+    def fake_pair(self, latents: torch.Tensor, labels: torch.Tensor, rng: torch.Generator,
                   ) -> tuple[torch.Tensor, ...]:
         """(t, real x_t, x_{t+1}, x0', generated x_t) for fresh t, pairs and z."""
-        t = torch.randint(0, self.schedule.num_steps, (latents.shape[0],), generator=generator,
-                          device=latents.device)
-        real_prev, x_next = self.schedule.q_sample_pairs(latents, t, generator)
-        z = torch.randn((latents.shape[0], self.cfg.ddgan.z_dim), generator=generator, device=latents.device)
-        x0_pred = self.predict_x0(self.model, x_next, t, z, labels)
-        fake_prev = self.schedule.posterior_sample(x0_pred, x_next, t, generator)
+        schedule = self.chain.schedule
+        t = torch.randint(0, schedule.num_steps, (latents.shape[0],), generator=rng, device=latents.device)
+        real_prev, x_next = schedule.q_sample_pairs(latents, t, rng)
+        z = torch.randn((latents.shape[0], self.chain.z_dim), generator=rng, device=latents.device)
+        x0_pred = self.chain.predict_x0(self.denoiser.model, x_next, t, z, labels)
+        fake_prev = schedule.posterior_sample(x0_pred, x_next, t, rng)
         return t, real_prev, x_next, x0_pred, fake_prev
 
-    def train_step(self, latents: torch.Tensor, labels: torch.Tensor,
-                   ctx: StepContext) -> dict[str, torch.Tensor]:
+    def train_step(self, latents: torch.Tensor, labels: torch.Tensor, ctx: StepContext) -> Metrics:
         dd = self.cfg.ddgan
-        generator = ctx.generator(latents.device)
-        labels = drop_labels(labels, self.cfg.model.class_dropout, self.cfg.model.num_classes, generator)
-        with torch.no_grad():
-            t, real_prev, x_next, _, fake_prev = self.fake_pair(latents, labels, generator)
+        rng = ctx.rng(latents.device)
+        labels = drop_labels(labels, self.cfg.model.class_dropout, self.cfg.model.num_classes, rng)
         r1_weight = dd.r1_gamma / 2 if dd.r1_gamma > 0 and ctx.step % dd.r1_interval == 0 else 0.0
-        with self.accelerator.autocast():
-            d_terms = discriminator_loss(self.disc.net, real_prev, fake_prev, x_next, t, r1_weight, y=labels)
-        self.disc.step(d_terms["loss"], "ddgan discriminator loss", ctx)
+        autocast = self.denoiser.accelerator.autocast
 
-        with self.disc.frozen():
-            t, _, x_next, x0_pred, fake_prev = self.fake_pair(latents, labels, generator)
-            with self.accelerator.autocast():
+        def disc_terms() -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                t, real_prev, x_next, _, fake_prev = self.fake_pair(latents, labels, rng)
+            with autocast():
+                return discriminator_loss(self.disc.net, real_prev, fake_prev, x_next, t, r1_weight, y=labels)
+
+        def generator_terms() -> dict[str, torch.Tensor]:  # fresh t, pairs and z
+            t, _, x_next, x0_pred, fake_prev = self.fake_pair(latents, labels, rng)
+            with autocast():
                 g_loss = generator_loss(self.disc.net, fake_prev, x_next, t, y=labels)
             mse = (x0_pred - latents).square().mean()
-            loss = g_loss + dd.mse_weight * mse
-            check_finite(loss, "ddgan generator loss", ctx.step)
-            grad_norm = self.step_denoiser(loss, ctx)
-        metrics = {"loss": loss.detach(), "loss_g": g_loss.detach(), "loss_x0_mse": mse.detach(),
-                   "loss_d": d_terms["loss"].detach(), "d_real": d_terms["d_real"],
-                   "d_fake": d_terms["d_fake"]}
-        if "r1" in d_terms:
-            metrics["r1"] = d_terms["r1"].detach()
-        if grad_norm is not None:
-            metrics["grad_norm"] = torch.as_tensor(grad_norm).detach()
-        return metrics
+            return {"loss": g_loss + dd.mse_weight * mse, "g": g_loss, "mse": mse}
 
-    @torch.no_grad()
-    def sample(self, model: nn.Module, labels: torch.Tensor, generator: Generators,
-               clip_denoised: bool) -> torch.Tensor:
-        """NFE = num_steps posterior sampling (x0' clipped to [-1, 1] in pixel space)."""
-        def generator_fn(x: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
-                         y: torch.Tensor | None) -> torch.Tensor:
-            x0 = self.predict_x0(model, x, t, z, y)
-            return x0.clamp(-1, 1) if clip_denoised else x0
-
-        shape = (len(labels), self.channels, self.latent_size, self.latent_size)
-        return self.schedule.sample(generator_fn, shape, labels, generator, self.cfg.ddgan.z_dim)
+        played = adversarial_round(self.disc, disc_terms, self.denoiser, generator_terms, ctx.step, self.name)
+        return played.metrics({"loss": "loss", "loss_g": "g", "loss_x0_mse": "mse"}, DISC_METRICS)

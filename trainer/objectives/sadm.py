@@ -24,11 +24,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from accelerate import Accelerator
 
-from ..models.discriminators import StructureEncoder
-from .config import Config
-from .objectives import Adversary, Denoiser, DiffusionObjective, StepContext, check_finite
+from ...models.discriminators import StructureEncoder
+from ..config import Config
+from ..distributed import initialized
+from .base import Adversary, Denoiser, Metrics, Objective, StepContext, adversarial_round
+from .dit import Denoised, denoise, denoising_metrics, diffusion_sampler
 
 AFFINITIES = ("cosine", "gaussian", "softmax")
 DISTANCES = ("l1", "l2", "kl")
@@ -110,7 +111,7 @@ def gather_rows_with_local_grad(features: torch.Tensor) -> torch.Tensor:
     global-batch loss, so the per-rank gradients add up to the single-process gradient; DDP
     *averages* them, i.e. divides that by the world size (scale the loss if that matters).
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not initialized() or dist.get_world_size() == 1:
         return features
     local = features.detach().contiguous()
     rows = [torch.empty_like(local) for _ in range(dist.get_world_size())]
@@ -144,7 +145,7 @@ def timestep_weight(t: torch.Tensor, alphas_cumprod: np.ndarray | torch.Tensor, 
 
 # --------------------------------------------------------------------------- the objective
 
-class SADMObjective(DiffusionObjective):
+class SADMObjective(Objective):
     """DiT + a structure discriminator (a reconstruction: docs/methods.md, "SADM").
 
     Per step, with one forward pass of the denoiser:
@@ -156,39 +157,44 @@ class SADMObjective(DiffusionObjective):
     """
 
     name = "sadm"
+    adversary_names = ("encoder",)
+    sampler = staticmethod(diffusion_sampler)
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, denoiser: Denoiser) -> None:
-        super().__init__(cfg, accelerator, denoiser)
+    def __init__(self, cfg: Config, denoiser: Denoiser) -> None:
+        super().__init__(cfg, denoiser)
         encoder = StructureEncoder(denoiser.channels, denoiser.latent_size, cfg.sadm.feature_dim,
                                    cfg.disc.base_channels, cfg.disc.num_blocks, cfg.sadm.t_conditioned)
-        self.encoder = Adversary(accelerator, encoder, cfg.disc)
+        self.encoder = Adversary(denoiser.accelerator, encoder, cfg.disc, role="encoder")
 
     def distance(self, real: torch.Tensor, predicted: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         sadm = self.cfg.sadm
         t_input = t if sadm.t_conditioned else None
-        with self.accelerator.autocast():
+        with self.denoiser.accelerator.autocast():
             real_features = self.encoder.net(real, t_input)
             fake_features = self.encoder.net(predicted, t_input)
-        weights = timestep_weight(t, self.diffusion.alphas_cumprod, sadm.weighting, sadm.t_max)
+        weights = timestep_weight(t, self.denoiser.diffusion.alphas_cumprod, sadm.weighting, sadm.t_max)
         real_aff = affinity(gather_rows_with_local_grad(real_features.float()), sadm.affinity, sadm.tau)
         fake_aff = affinity(gather_rows_with_local_grad(fake_features.float()), sadm.affinity, sadm.tau)
         return structural_distance(real_aff, fake_aff, sadm.distance, gather_rows_with_local_grad(weights))
 
-    def train_step(self, latents: torch.Tensor, labels: torch.Tensor,
-                   ctx: StepContext) -> dict[str, torch.Tensor]:
-        denoised = self.denoise(latents, labels, ctx.generator(latents.device))
-        encoder_distance = self.distance(latents, denoised.x0_pred.detach(), denoised.t)
-        self.encoder.step(-encoder_distance, "sadm encoder loss (-distance)", ctx)
+    def denoise(self, latents: torch.Tensor, labels: torch.Tensor, rng: torch.Generator) -> Denoised:
+        return denoise(self.denoiser, self.cfg, latents, labels, rng)
 
+    def train_step(self, latents: torch.Tensor, labels: torch.Tensor, ctx: StepContext) -> Metrics:
+        denoised = self.denoise(latents, labels, ctx.rng(latents.device))
         lam = self.cfg.sadm.lambda_ if ctx.step >= self.cfg.sadm.warmup_steps else 0.0
-        with self.encoder.frozen():
-            denoiser_distance = self.distance(latents, denoised.x0_pred, denoised.t)
+
+        def encoder_terms() -> dict[str, torch.Tensor]:  # ascent on the distance
+            distance = self.distance(latents, denoised.x0_pred.detach(), denoised.t)
+            return {"loss": -distance, "distance": distance}
+
+        def denoiser_terms() -> dict[str, torch.Tensor]:
+            distance = self.distance(latents, denoised.x0_pred, denoised.t)
             denoise_loss = denoised.terms["loss"].mean()
-            loss = denoise_loss + lam * denoiser_distance
-            check_finite(loss, "denoiser loss (denoise + lambda * distance)", ctx.step)
-            grad_norm = self.step_denoiser(loss, ctx)
-        metrics = self.base_metrics(denoised, loss, grad_norm)
-        metrics.update({"loss_denoise": denoise_loss.detach(),
-                        "sadm/distance_encoder": encoder_distance.detach(),
-                        "sadm/distance_denoiser": denoiser_distance.detach()})
-        return metrics
+            return {"loss": denoise_loss + lam * distance, "denoise": denoise_loss, "distance": distance}
+
+        played = adversarial_round(self.encoder, encoder_terms, self.denoiser, denoiser_terms, ctx.step,
+                                   self.name)
+        denoiser_metrics = {"loss": "loss", "loss_denoise": "denoise", "sadm/distance_denoiser": "distance"}
+        return {**played.metrics(denoiser_metrics, {"sadm/distance_encoder": "distance"}),
+                **denoising_metrics(denoised)}

@@ -26,13 +26,15 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
 from torch import nn
 
-from ..models.discriminators import TimestepClassDiscriminator
-from .config import Config
-from .gan import discriminator_terms, g_loss_nonsaturating
-from .objectives import ADVERSARY_STREAM, Adversary, Denoiser, DiffusionObjective, StepContext, check_finite
+from ...models.diffusion import DeviceTables
+from ...models.discriminators import TimestepClassDiscriminator
+from ..config import Config
+from ..distributed import initialized
+from .base import ADVERSARY_STREAM, Adversary, Denoiser, Metrics, Objective, StepContext, adversarial_round
+from .dit import denoise, denoising_metrics, diffusion_sampler
+from .gan import DISC_METRICS, discriminator_terms, g_loss_nonsaturating
 
 T_DISTRIBUTIONS = ("priority", "uniform")
 
@@ -77,6 +79,8 @@ class AdaptiveDiffusion:
         self._calls = 0
         # (sum of signs, count) since the last adjustment; float64 keeps counts exact.
         self._sign_stats = torch.zeros(2, dtype=torch.float64)
+        # Device copies of the tables, rebuilt when T or t_epl change (every ada_interval steps).
+        self._device_tables = DeviceTables()
         self._set_T(self._T_from_p())
         self._draw_t_epl(torch.Generator().manual_seed(seed))
 
@@ -92,7 +96,7 @@ class AdaptiveDiffusion:
         # Square roots taken in float64: in bf16, 1 - acp near t = 0 would round to 0.
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
-        self._device_tables: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self._device_tables.clear()
 
     def _draw_t_epl(self, generator: torch.Generator) -> None:
         num_clean = round(self.clean_fraction * self.epl_size)
@@ -105,16 +109,10 @@ class AdaptiveDiffusion:
                                         generator=generator)
             draws = (indices + 1).cpu()
         self.t_epl = torch.cat([torch.zeros(num_clean, dtype=torch.int64), draws])
-        self._device_tables = {}
+        self._device_tables.clear()
 
     def _table(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        # Device copies cached until the schedule or t_epl changes (every ada_interval steps):
-        # a host->device copy on every call would stall the step.
-        key = (name, like.device, dtype)
-        if key not in self._device_tables:
-            source = getattr(self, name)
-            self._device_tables[key] = torch.as_tensor(source, dtype=dtype, device=like.device)
-        return self._device_tables[key]
+        return self._device_tables.get(getattr(self, name), like.device, dtype)
 
     # ----------------------------------------------------------------------- diffusion
 
@@ -226,7 +224,7 @@ def generator_loss(disc: nn.Module, controller: AdaptiveDiffusion, fake: torch.T
 
 
 def _all_reduced(stats: torch.Tensor) -> tuple[float, float]:
-    if dist.is_available() and dist.is_initialized():
+    if initialized():
         stats = stats.clone()
         # NCCL reduces only CUDA tensors; a rank that accumulated nothing still holds a CPU tensor.
         if dist.get_backend() == "nccl" and stats.device.type != "cuda":
@@ -260,7 +258,7 @@ def _check_config(beta_start: float, beta_end: float, t_min: int, t_max: int, no
 
 # --------------------------------------------------------------------------- the objective
 
-class DiffusionGANObjective(DiffusionObjective):
+class DiffusionGANObjective(Objective):
     """DiT + a Diffusion-GAN discriminator as an adversarial regulariser (docs/methods.md).
 
     The generator's sample is the denoiser's x0 prediction at its random t. Per step, with one
@@ -273,13 +271,15 @@ class DiffusionGANObjective(DiffusionObjective):
     """
 
     name = "diffusion_gan"
+    adversary_names = ("disc",)
+    sampler = staticmethod(diffusion_sampler)
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, denoiser: Denoiser) -> None:
-        super().__init__(cfg, accelerator, denoiser)
+    def __init__(self, cfg: Config, denoiser: Denoiser) -> None:
+        super().__init__(cfg, denoiser)
         dg = cfg.diffusion_gan
         disc = TimestepClassDiscriminator(denoiser.channels, denoiser.latent_size, cfg.model.num_classes,
                                           cfg.disc.base_channels, cfg.disc.num_blocks, t_max=dg.t_max)
-        self.disc = Adversary(accelerator, disc, cfg.disc)
+        self.disc = Adversary(denoiser.accelerator, disc, cfg.disc)
         self.controller = AdaptiveDiffusion(t_min=dg.t_min, t_max=dg.t_max, noise_std=dg.noise_std,
                                             ts_dist=dg.ts_dist, clean_fraction=dg.clean_fraction,
                                             target=dg.target, ada_interval=dg.ada_interval,
@@ -288,38 +288,36 @@ class DiffusionGANObjective(DiffusionObjective):
     def checkpoint_objects(self) -> list[Any]:
         return [self.controller]
 
-    def train_step(self, latents: torch.Tensor, labels: torch.Tensor,
-                   ctx: StepContext) -> dict[str, torch.Tensor]:
+    def train_step(self, latents: torch.Tensor, labels: torch.Tensor, ctx: StepContext) -> Metrics:
         dg = self.cfg.diffusion_gan
-        denoised = self.denoise(latents, labels, ctx.generator(latents.device))
-        adversary_generator = ctx.generator(latents.device, ADVERSARY_STREAM)
+        denoised = denoise(self.denoiser, self.cfg, latents, labels, ctx.rng(latents.device))
+        adversary_rng = ctx.rng(latents.device, ADVERSARY_STREAM)
         lazy_r1 = dg.r1_gamma > 0 and ctx.step % dg.r1_interval == 0
-        with self.accelerator.autocast():
-            d_terms = discriminator_loss(self.disc.net, self.controller, latents, denoised.x0_pred,
-                                         adversary_generator, dg.r1_gamma / 2 * dg.r1_interval * lazy_r1,
-                                         y=denoised.labels)
-        self.disc.step(d_terms["loss"], "diffusion_gan discriminator loss", ctx)
+        autocast = self.denoiser.accelerator.autocast
 
-        with self.disc.frozen():
-            with self.accelerator.autocast():
-                g_loss = generator_loss(self.disc.net, self.controller, denoised.x0_pred,
-                                        adversary_generator, y=denoised.labels)
+        def disc_terms() -> dict[str, torch.Tensor]:
+            with autocast():
+                return discriminator_loss(self.disc.net, self.controller, latents, denoised.x0_pred,
+                                          adversary_rng, dg.r1_gamma / 2 * dg.r1_interval * lazy_r1,
+                                          y=denoised.labels)
+
+        def denoiser_terms() -> dict[str, torch.Tensor]:
+            with autocast():
+                g_loss = generator_loss(self.disc.net, self.controller, denoised.x0_pred, adversary_rng,
+                                        y=denoised.labels)
             denoise_loss = denoised.terms["loss"].mean()
-            loss = denoise_loss + dg.weight * g_loss
-            check_finite(loss, "denoiser loss (denoise + weight * generator loss)", ctx.step)
-            grad_norm = self.step_denoiser(loss, ctx)
+            return {"loss": denoise_loss + dg.weight * g_loss, "denoise": denoise_loss, "g": g_loss}
 
-        world_batch = latents.shape[0] * self.accelerator.num_processes
+        played = adversarial_round(self.disc, disc_terms, self.denoiser, denoiser_terms, ctx.step, self.name)
+        return {**played.metrics({"loss": "loss", "loss_denoise": "denoise", "loss_g": "g"}, DISC_METRICS),
+                **denoising_metrics(denoised), **self._controller_step(latents.shape[0], ctx)}
+
+    def _controller_step(self, local_batch: int, ctx: StepContext) -> dict[str, torch.Tensor]:
         # The exploration list is redrawn identically on every rank, so the checkpoint (written by
         # rank 0) restores every rank exactly (the official code draws it per rank).
-        stats = self.controller.update(world_batch, ctx.shared_generator())
-        metrics = self.base_metrics(denoised, loss, grad_norm)
-        metrics.update({"loss_denoise": denoise_loss.detach(), "loss_g": g_loss.detach(),
-                        "loss_d": d_terms["loss"].detach(), "d_real": d_terms["d_real"],
-                        "d_fake": d_terms["d_fake"], "ada/p": torch.tensor(self.controller.p),
-                        "ada/T": torch.tensor(float(self.controller.T))})
+        world_batch = local_batch * self.denoiser.accelerator.num_processes
+        stats = self.controller.update(world_batch, ctx.shared_rng())
+        metrics = {"ada/p": torch.tensor(self.controller.p), "ada/T": torch.tensor(float(self.controller.T))}
         if stats is not None:  # r_d exists only on the steps that adjust p
             metrics["ada/r_d"] = torch.tensor(stats.r_d)
-        if "r1" in d_terms:
-            metrics["r1"] = d_terms["r1"].detach()
         return metrics
