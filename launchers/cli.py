@@ -10,7 +10,6 @@ import argparse
 import errno
 import logging
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +22,7 @@ from ..trainer.tracking import TrackingError
 from .bench import add_training_bench_parser
 from .data import add_data_parser
 from .fid import add_fid_parser
+from .relaunch import relaunch
 from .sample import add_sample_parser
 from .slurm import SlurmError, add_slurm_parser
 from .toy import add_toy_parser
@@ -33,18 +33,11 @@ USER_ERRORS = (ConfigError, DataError, TrackingError, CheckpointError, FileNotFo
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _relaunch(nproc: int, argv: Sequence[str]) -> int:
-    """Run this same command in ``nproc`` processes on this machine, through torchrun."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "advdit.launchers.cli", *argv]
-    return subprocess.call(command)
-
-
 def _train(args: argparse.Namespace) -> int:
     from ..trainer.loop import train
 
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _relaunch(args.nproc, _without_nproc(sys.argv[1:]))
+    if (status := relaunch(args.nproc)) is not None:
+        return status
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
     if result.preempted:  # on every rank, so launchers and the sbatch script see it
@@ -77,23 +70,6 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
         convert_legacy(path)
         print(f"converted {path}: ema.safetensors written, counters in meta.json, pickles removed")
     return 0
-
-
-def relaunch(nproc: int, argv: Sequence[str]) -> int:
-    """Run the command ``argv`` (its --nproc removed) in ``nproc`` processes through torchrun."""
-    return _relaunch(nproc, _without_nproc(argv))
-
-
-def _without_nproc(argv: Sequence[str]) -> list[str]:
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
