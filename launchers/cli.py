@@ -10,7 +10,6 @@ import argparse
 import errno
 import logging
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -21,9 +20,9 @@ from ..trainer.preemption import PREEMPTED_EXIT_CODE
 from ..trainer.runlock import RunLockedError
 from ..trainer.tracking import TrackingError
 from .bench import add_training_bench_parser
-from .bench_data import add_bench_parser
+from .data import add_data_parser
 from .fid import add_fid_parser
-from .imagenet import add_imagenet_parser
+from .relaunch import relaunch
 from .sample import add_sample_parser
 from .slurm import SlurmError, add_slurm_parser
 from .toy import add_toy_parser
@@ -34,18 +33,11 @@ USER_ERRORS = (ConfigError, DataError, TrackingError, CheckpointError, FileNotFo
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _relaunch(nproc: int, argv: Sequence[str]) -> int:
-    """Run this same command in ``nproc`` processes on this machine, through torchrun."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "advdit.launchers.cli", *argv]
-    return subprocess.call(command)
-
-
 def _train(args: argparse.Namespace) -> int:
     from ..trainer.loop import train
 
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _relaunch(args.nproc, _without_nproc(sys.argv[1:]))
+    if (status := relaunch(args.nproc)) is not None:
+        return status
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
     if result.preempted:  # on every rank, so launchers and the sbatch script see it
@@ -77,42 +69,6 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
     for path in args.checkpoints:
         convert_legacy(path)
         print(f"converted {path}: ema.safetensors written, counters in meta.json, pickles removed")
-    return 0
-
-
-def _data_demo(args: argparse.Namespace) -> int:
-    from .demo_data import write_demo_shards
-
-    manifest = write_demo_shards(args.out, num_images=args.num_images, image_size=args.image_size,
-                                 samples_per_shard=args.samples_per_shard, seed=args.seed)
-    print(f"wrote {manifest['num_samples']} images in {len(manifest['shards'])} shards to {args.out}")
-    return 0
-
-
-def relaunch(nproc: int, argv: Sequence[str]) -> int:
-    """Run the command ``argv`` (its --nproc removed) in ``nproc`` processes through torchrun."""
-    return _relaunch(nproc, _without_nproc(argv))
-
-
-def _without_nproc(argv: Sequence[str]) -> list[str]:
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out
-
-
-def _data_latents(args: argparse.Namespace) -> int:
-    from .latents import write_latent_shards
-
-    manifest = write_latent_shards(args.source, args.out, args.vae, args.image_size, args.batch_size)
-    if manifest is not None:
-        print(f"wrote {manifest['num_samples']} latents in {len(manifest['shards'])} shards to {args.out} "
-              f"({len(manifest['skipped'])} samples skipped)")
     return 0
 
 
@@ -148,25 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("checkpoints", nargs="+", help="checkpoint folders, e.g. runs/x/checkpoints/step_*")
     convert.set_defaults(func=_convert_checkpoint)
 
-    data = commands.add_parser("data", help="write data sets as webdataset shards")
-    data_commands = data.add_subparsers(dest="data_command", required=True)
-    demo = data_commands.add_parser("demo", help="the procedurally drawn 10-class shapes set")
-    demo.add_argument("--out", default="data/demo/train")
-    demo.add_argument("--num-images", type=int, default=5120)
-    demo.add_argument("--image-size", type=int, default=16)
-    demo.add_argument("--samples-per-shard", type=int, default=640)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_data_demo)
-    add_imagenet_parser(data_commands)
-    add_bench_parser(data_commands)
-    latents = data_commands.add_parser(
-        "latents", help="SD-VAE latent shards (posterior moments of each image and its mirror)")
-    latents.add_argument("--source", required=True, help="image shards: a folder, brace pattern or glob")
-    latents.add_argument("--out", required=True)
-    latents.add_argument("--vae", required=True, help="a local diffusers AutoencoderKL folder")
-    latents.add_argument("--image-size", type=int, required=True, help="the source shards' image size")
-    latents.add_argument("--batch-size", type=int, default=64)
-    latents.set_defaults(func=_data_latents)
+    add_data_parser(commands)
     add_toy_parser(commands)
     add_sample_parser(commands)
     add_fid_parser(commands)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
+
+from .relaunch import relaunch
 
 
 def add_fid_parser(commands: Any) -> argparse.ArgumentParser:
@@ -41,10 +41,8 @@ def _run(args: argparse.Namespace) -> int:
     from ..trainer.engines import make_accelerator
     from ..trainer.fid import load_spec, sample_set_fid
 
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from .cli import relaunch  # cli imports this module
-
-        return relaunch(args.nproc, sys.argv[1:])
+    if (status := relaunch(args.nproc)) is not None:
+        return status
     accelerator = make_accelerator(Config())  # the process group and this rank's device
     result, _ = sample_set_fid(args.samples, args.reference, args.inception_weights, args.feature_net,
                                args.num_samples, args.batch_size, args.cache_dir, args.workers,

@@ -9,9 +9,9 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import Any
+
+from .relaunch import relaunch
 
 BALANCED = "balanced"
 
@@ -45,10 +45,8 @@ def _run(args: argparse.Namespace) -> int:
     from ..trainer.config import ConfigError
     from ..trainer.evaluate import balanced_labels, load_sampler, read_labels, sampling_config, write_samples
 
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from .cli import relaunch  # cli imports this module
-
-        return relaunch(args.nproc, sys.argv[1:])
+    if (status := relaunch(args.nproc)) is not None:
+        return status
     if not (args.npz or args.png_dir):
         raise ConfigError("advdit sample needs --npz PATH and/or --png-dir DIR")
     if args.num_samples < 1 or args.batch_size < 1:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from advdit.launchers.demo_data import draw_shape
-from advdit.launchers.shards import ShardWriter, encode_png
 from advdit.trainer.config import Config, load_config
+from advdit.trainer.data.demo import draw_shape
+from advdit.trainer.data.writer import ShardWriter, encode_png
 from advdit.trainer.fid import ConvFeatureNet, FeatureSpec
 
 TINY_SIZE = 16

@@ -12,17 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from advdit.launchers.demo_data import CLASSES, write_demo_shards
 from advdit.trainer.data import (
     DataError,
-    ShardError,
     StreamSpec,
     build_loader,
     iter_records,
     normalize_images,
     resolve_shards,
-    tar_members,
 )
+from advdit.trainer.data.demo import CLASSES, write_demo_shards
+from advdit.trainer.data.tar import ShardError, tar_members
 from advdit.trainer.files import file_sha256
 
 from helpers import TINY_SIZE, corrupt_copy, tiny_overrides, write_shape_shards

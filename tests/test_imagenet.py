@@ -13,8 +13,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from advdit.launchers.imagenet import add_imagenet_parser, adm_center_crop, write_imagenet_shards
+from advdit.launchers.data import add_imagenet_parser
 from advdit.trainer.data import DataError, check_manifest, decode_sample, iter_records, resolve_shards
+from advdit.trainer.data.imagenet import adm_center_crop, write_imagenet_shards
 from advdit.trainer.files import file_sha256
 
 SIZE = 32

@@ -117,8 +117,8 @@ def test_corrupt_samples_are_counted_and_training_goes_on(tmp_path: Path, tiny_s
 
 
 def test_shards_of_another_image_size_are_refused_up_front(tmp_path: Path) -> None:
-    from advdit.launchers.demo_data import write_demo_shards
     from advdit.trainer.data import DataError
+    from advdit.trainer.data.demo import write_demo_shards
 
     shards = tmp_path / "shards32"
     write_demo_shards(shards, num_images=20, image_size=32, samples_per_shard=10, progress=False)

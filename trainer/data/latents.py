@@ -1,4 +1,4 @@
-"""``advdit data latents``: SD-VAE latent shards from image shards.
+"""SD-VAE latent shards from image shards (``advdit data latents``).
 
 Each output sample holds the VAE posterior's mean and std of the image and of its mirror image
 (``moments.npy``, float16, shape (2 flips, 2 moments, C, h, w)) with its label. The trainer draws
@@ -23,9 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..models.vae import SDVAECodec, load_codec
-from ..trainer.data import decode_sample, iter_records, resolve_shards
-from .shards import ShardWriter, write_manifest_file
+from ...models.vae import SDVAECodec, load_codec
+from .decode import MOMENTS_KEY, decode_sample
+from .manifest import resolve_shards, write_manifest_file
+from .tar import iter_records
+from .writer import ShardWriter
 
 ANY_LABEL = 1 << 30  # labels are checked by the trainer against its model.num_classes
 
@@ -48,7 +50,7 @@ def encode_shard(codec: SDVAECodec, source: str, out_dir: Path, index: int, imag
         for key, label, moments in zip(keys, labels, encode_batch(codec, pixels, device), strict=True):
             buffer = io.BytesIO()
             np.save(buffer, moments)
-            writer.write(key, label, {"moments.npy": buffer.getvalue()})
+            writer.write(key, label, {MOMENTS_KEY: buffer.getvalue()})
         keys.clear()
         labels.clear()
         pixels.clear()

@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from .shards import ShardWriter, encode_png
+from .writer import ShardWriter, encode_png
 
 CLASSES = (
     ("circle", (230, 60, 50)),

@@ -1,11 +1,11 @@
-"""``advdit data bench``: how many samples per second the streaming loader delivers on one core,
-and (``--writer``) how many images per second ``advdit data imagenet`` converts.
+"""How many samples per second the streaming loader delivers on one core, and how many images per
+second the ImageNet shard writer converts (``advdit data bench``, ``--writer``).
 
 The loader bench measures the trainer's own loader (``build_loader`` with no worker processes,
 so one process and one core do all the reading, decoding and batching) over real shards, or over
-synthetic shards it writes first: ``--synthetic latents`` (SD-VAE moments of 256-px images,
-2 x 2 x 4 x 32 x 32 fp16) or ``--synthetic jpeg`` (256 x 256 JPEGs of smooth colour fields with
-noise, quality 95).
+synthetic shards it writes first: ``latents`` (SD-VAE moments of 256-px images,
+2 x 2 x 4 x 32 x 32 fp16) or ``jpeg`` (256 x 256 JPEGs of smooth colour fields with noise,
+quality 95).
 The writer bench makes an ILSVRC2012-style ``train/<synset>/*.JPEG`` folder of 500 x 375 JPEGs
 (ImageNet's most common size) and times the real ``write_imagenet_shards`` on it: decode, ADM
 centre crop, JPEG encode in worker processes, tar writing and checksums in the main process.
@@ -13,9 +13,7 @@ centre crop, JPEG encode in worker processes, tar writing and checksums in the m
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import statistics
 import tempfile
 import time
@@ -25,9 +23,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..trainer.data import DataError, StreamSpec, build_loader, resolve_shards
+from .decode import MOMENTS_KEY
 from .imagenet import write_imagenet_shards
-from .shards import ShardWriter
+from .manifest import resolve_shards
+from .stream import StreamSpec, build_loader
+from .writer import ShardWriter
 
 # ILSVRC2012's most common training-image size (width x height).
 IMAGENET_TYPICAL_SIZE = (500, 375)
@@ -40,7 +40,7 @@ def synthetic_latent_shards(out_dir: Path, count: int, per_shard: int = 1000) ->
     for index in range(count):
         buffer = io.BytesIO()
         np.save(buffer, rng.standard_normal((2, 2, 4, 32, 32)).astype(np.float16))
-        writer.write(f"{index:08d}", index % 1000, {"moments.npy": buffer.getvalue()})
+        writer.write(f"{index:08d}", index % 1000, {MOMENTS_KEY: buffer.getvalue()})
     writer.close()
 
 
@@ -100,55 +100,31 @@ def measure(shards: list[str], batch_size: int, batches: int, image_size: int, l
     return samples / (time.perf_counter() - start)
 
 
-def run_writer_bench(args: argparse.Namespace) -> dict[str, Any]:
-    rates = [measure_writer(args.count, args.workers, args.image_size, args.samples_per_shard)
-             for _ in range(args.repeats)]
+def run_writer_bench(count: int, workers: int, image_size: int, samples_per_shard: int,
+                     repeats: int) -> dict[str, Any]:
+    """The writer's images/s over ``repeats`` fresh synthetic folders, with their median."""
+    rates = [measure_writer(count, workers, image_size, samples_per_shard) for _ in range(repeats)]
     median = statistics.median(rates)
     return {"source": f"synthetic ILSVRC folder, {IMAGENET_TYPICAL_SIZE[0]}x{IMAGENET_TYPICAL_SIZE[1]} JPEGs",
-            "image_size": args.image_size, "images": args.count, "workers": args.workers,
+            "image_size": image_size, "images": count, "workers": workers,
             "images_per_sec": [round(rate, 1) for rate in rates],
             "median_images_per_sec": round(median, 1),
-            "median_images_per_sec_per_worker": round(median / args.workers, 1)}
+            "median_images_per_sec_per_worker": round(median / workers, 1)}
 
 
-def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+def run_loader_bench(shards: str | None, synthetic: str | None, count: int, image_size: int,
+                     latent_size: int | None, batch_size: int, batches: int, repeats: int) -> dict[str, Any]:
+    """The loader's samples/s over ``shards``, or over ``count`` synthetic samples of the kind
+    ``synthetic`` names ("latents" or "jpeg"), in ``repeats`` runs of ``batches`` batches."""
     with tempfile.TemporaryDirectory() as scratch:
-        source = args.shards
-        if args.synthetic:
-            source = str(Path(scratch) / args.synthetic)
-            make = synthetic_latent_shards if args.synthetic == "latents" else synthetic_jpeg_shards
-            make(Path(source), args.count)
-        latent_size = 32 if args.synthetic == "latents" else args.latent_size
-        rates = [measure(resolve_shards(source), args.batch_size, args.batches, args.image_size, latent_size,
-                         seed=repeat) for repeat in range(args.repeats)]
-    return {"source": args.synthetic or args.shards, "batch_size": args.batch_size, "batches": args.batches,
+        source = shards
+        if synthetic:
+            source = str(Path(scratch) / synthetic)
+            make = synthetic_latent_shards if synthetic == "latents" else synthetic_jpeg_shards
+            make(Path(source), count)
+        latent_size = 32 if synthetic == "latents" else latent_size
+        rates = [measure(resolve_shards(source), batch_size, batches, image_size, latent_size, seed=repeat)
+                 for repeat in range(repeats)]
+    return {"source": synthetic or shards, "batch_size": batch_size, "batches": batches,
             "samples_per_sec": [round(rate, 1) for rate in rates],
             "median_samples_per_sec_per_core": round(statistics.median(rates), 1)}
-
-
-def add_bench_parser(data_commands: argparse._SubParsersAction) -> None:
-    bench = data_commands.add_parser(
-        "bench", help="loader samples/s on one core (real or synthetic shards), or shard-writer images/s")
-    what = bench.add_mutually_exclusive_group(required=True)
-    what.add_argument("--shards", help="shards to read: a folder, brace pattern or glob")
-    what.add_argument("--synthetic", choices=("latents", "jpeg"), help="write synthetic shards first")
-    what.add_argument("--writer", action="store_true",
-                      help="time advdit data imagenet on a synthetic ILSVRC folder of --count images")
-    bench.add_argument("--count", type=int, default=8000, help="synthetic samples to write")
-    bench.add_argument("--workers", type=int, default=1, help="--writer: decoding processes")
-    bench.add_argument("--samples-per-shard", type=int, default=1000, help="--writer: shard size")
-    bench.add_argument("--image-size", type=int, default=256)
-    bench.add_argument("--latent-size", type=int, default=None, help="for real latent shards: h = w")
-    bench.add_argument("--batch-size", type=int, default=256)
-    bench.add_argument("--batches", type=int, default=20)
-    bench.add_argument("--repeats", type=int, default=3)
-    bench.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    if min(args.count, args.repeats, args.workers, args.samples_per_shard) < 1:
-        raise DataError("advdit data bench: --count, --repeats, --workers and --samples-per-shard "
-                        "must be >= 1")
-    report = run_writer_bench(args) if args.writer else run_bench(args)
-    print(json.dumps(report))
-    return 0

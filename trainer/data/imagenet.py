@@ -1,4 +1,4 @@
-"""ImageNet as webdataset shards of ADM-centre-cropped JPEGs: ``advdit data imagenet``.
+"""ImageNet as webdataset shards of ADM-centre-cropped JPEGs (``advdit data imagenet``).
 
 Sources: an ILSVRC2012 folder (``train/<synset>/<file>.JPEG``; ``val/`` either flat with a label
 file or in synset folders), or existing webdataset shards (``KEY.jpg|jpeg|png|webp`` + ``KEY.cls``,
@@ -20,7 +20,6 @@ shards are byte-identical to the first run's.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import glob
 import hashlib
@@ -39,13 +38,15 @@ from typing import Any, NamedTuple
 
 import braceexpand
 import PIL
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ..trainer.data import IMAGE_KEYS, DataError
-from ..trainer.files import file_sha256, write_json_atomic
-from .shards import MANIFEST
+from ..files import write_json_atomic
+from .decode import IMAGE_KEYS
+from .errors import DataError
+from .manifest import write_manifest_file
+from .tar import split_member_name
+from .writer import ShardFile
 
 logger = logging.getLogger(__name__)
 
@@ -183,13 +184,6 @@ def _folder_samples(root: Path, split: str, val_labels: str | Path | None,
     return samples, classes
 
 
-def _split_member_name(name: str) -> tuple[str, str]:
-    """webdataset's convention: the key runs to the first dot of the base name."""
-    folder, _, base = name.rpartition("/")
-    stem, _, extension = base.partition(".")
-    return f"{folder}/{stem}" if folder else stem, extension.lower()
-
-
 def _tar_samples(tar_path: Path) -> list[SourceSample]:
     try:
         return _read_tar_samples(tar_path)
@@ -202,8 +196,8 @@ def _read_tar_samples(tar_path: Path) -> list[SourceSample]:
     samples = []
     with tarfile.open(tar_path, "r:") as tar:
         members = [member for member in tar if member.isfile()]  # headers only: data is skipped
-        for key, group in itertools.groupby(members, key=lambda m: _split_member_name(m.name)[0]):
-            parts = {_split_member_name(member.name)[1]: member for member in group}
+        for key, group in itertools.groupby(members, key=lambda m: split_member_name(m.name)[0]):
+            parts = {split_member_name(member.name)[1]: member for member in group}
             name = f"{tar_path.name}:{key}"
             image = next((parts[ext] for ext in IMAGE_KEYS if ext in parts), None)
             try:
@@ -260,30 +254,19 @@ def _done_path(shard: Path) -> Path:
     return shard.with_name(shard.name + ".done")
 
 
-class _ShardFile:
-    """One shard being written: ``.tar.tmp``, renamed to ``.tar`` when complete, then its sidecar."""
+class _ImageNetShard(ShardFile):
+    """A shard of ``source_range`` of the source order; when complete, a ``.tar.done`` sidecar
+    records it (what a rerun checks to keep it) with its skipped files and the settings."""
 
     def __init__(self, out_dir: Path, prefix: str, index: int, source_range: range) -> None:
+        super().__init__(out_dir / f"{prefix}-{index:06d}.tar")
         self.index = index
-        self.path = out_dir / f"{prefix}-{index:06d}.tar"
         self.source_range = source_range
-        self._stream = self.path.with_name(self.path.name + ".tmp").open("wb")
-        # A fixed mtime (not the clock) makes a redone shard byte-identical to the first one.
-        self._tar = wds.TarWriter(self._stream, encoder=False, mtime=0)
-        self.class_counts: Counter[int] = Counter()
         self.skipped: list[dict[str, str]] = []
 
-    def add(self, key: str, label: int, jpg: bytes) -> None:
-        self._tar.write({"__key__": key, "cls": str(label).encode(), "jpg": jpg})
-        self.class_counts[label] += 1
-
-    def finish(self, settings: dict[str, Any]) -> dict[str, Any]:
-        self._tar.close()
-        self._stream.close()
-        os.replace(self.path.with_name(self.path.name + ".tmp"), self.path)
+    def finish_with_sidecar(self, settings: dict[str, Any]) -> dict[str, Any]:
         record = {
-            "name": self.path.name, "samples": sum(self.class_counts.values()),
-            "bytes": self.path.stat().st_size, "sha256": file_sha256(self.path),
+            **self.finish(), "bytes": self.path.stat().st_size,
             "source_range": [self.source_range.start, self.source_range.stop],
             "class_counts": {str(k): v for k, v in sorted(self.class_counts.items())},
             "skipped": self.skipped, "settings": settings,
@@ -323,7 +306,7 @@ def _convert_shards(out_dir: Path, prefix: str, samples: list[SourceSample], tod
     indices = [i for k in todo for i in _shard_range(k, per_shard, len(samples))]
     convert = functools.partial(convert_sample, size=settings["image_size"], quality=settings["jpeg_quality"])
     records: dict[int, dict[str, Any]] = {}
-    shard: _ShardFile | None = None
+    shard: _ImageNetShard | None = None
     start = time.perf_counter()
     # The pool forks before tqdm starts its monitor thread.
     with multiprocessing.Pool(workers) as pool:
@@ -333,16 +316,16 @@ def _convert_shards(out_dir: Path, prefix: str, samples: list[SourceSample], tod
         for i, (jpg, problem) in bar:
             if shard is None or i not in shard.source_range:
                 if shard is not None:
-                    records[shard.index] = shard.finish(settings)
+                    records[shard.index] = shard.finish_with_sidecar(settings)
                 k = i // per_shard
-                shard = _ShardFile(out_dir, prefix, k, _shard_range(k, per_shard, len(samples)))
+                shard = _ImageNetShard(out_dir, prefix, k, _shard_range(k, per_shard, len(samples)))
             if jpg is None:
                 logger.warning("skipping unreadable image %s (%s)", samples[i].path, problem)
                 shard.skipped.append({"path": samples[i].name, "error": problem})
             else:
-                shard.add(f"{i:08d}", samples[i].label, jpg)
+                shard.write(f"{i:08d}", samples[i].label, {"jpg": jpg})
     if shard is not None:
-        records[shard.index] = shard.finish(settings)
+        records[shard.index] = shard.finish_with_sidecar(settings)
     seconds = time.perf_counter() - start
     logger.info("converted %d images in %.1f s: %.1f images/s, %.1f images/s per worker process (%d)",
                 len(indices), seconds, len(indices) / seconds, len(indices) / seconds / workers, workers)
@@ -409,41 +392,5 @@ def write_imagenet_shards(source: str | Path, out_dir: str | Path, size: int = 2
         records |= _convert_shards(out, split, samples, todo, samples_per_shard, settings,
                                    workers or len(os.sched_getaffinity(0)), progress)
     manifest = _manifest(split, [records[k] for k in range(num_shards)], preprocessing, classes, settings)
-    write_json_atomic(out / MANIFEST, manifest)
+    write_manifest_file(out, manifest)
     return manifest
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def _run(args: argparse.Namespace) -> int:
-    manifest = write_imagenet_shards(args.source, args.out, size=args.size,
-                                     samples_per_shard=args.samples_per_shard, workers=args.workers,
-                                     split=args.split, quality=args.quality, val_labels=args.val_labels,
-                                     synsets=args.synsets)
-    print(f"wrote {manifest['num_samples']} {args.size}x{args.size} images in {len(manifest['shards'])} "
-          f"shards to {args.out}; {manifest['num_skipped']} unreadable file(s) skipped "
-          f"(listed in {MANIFEST})")
-    return 0
-
-
-def add_imagenet_parser(data_commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``imagenet`` under ``advdit data``; its handler is set as ``func``."""
-    parser = data_commands.add_parser(
-        "imagenet", help="ImageNet (ILSVRC2012 folders or webdataset shards) as centre-cropped JPEG shards")
-    parser.add_argument("--source", required=True,
-                        help="the ILSVRC2012 root holding train/ and val/, or a folder, glob or brace "
-                             "pattern of webdataset .tar shards (jpg/png + cls members)")
-    parser.add_argument("--out", required=True, help="folder for the shards and manifest.json")
-    parser.add_argument("--size", type=int, default=256, help="output side in pixels (DiT: 256 or 512)")
-    parser.add_argument("--split", default="train", help="train or val (a folder, or a word in tar names)")
-    parser.add_argument("--val-labels",
-                        help="labels of a flat val/ folder: '<file> <synset>' lines or LOC_val_solution.csv")
-    parser.add_argument("--synsets", help="class order, one synset per line (default: sorted train/ folders)")
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--workers", type=int, default=None,
-                        help="decoding processes (default: every CPU this process may use)")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality of the stored images")
-    parser.set_defaults(func=_run)
-    return parser

@@ -1,0 +1,194 @@
+"""Streaming class-conditional batches from webdataset shards, resumable to the exact batch.
+
+How the stream is laid out, and why it can resume exactly:
+- Each rank runs ``num_workers`` *logical streams*; stream ``s`` of rank ``r`` (global id
+  ``g = r * num_workers + s``) owns shards ``g, g + G, g + 2G, ...`` (``G`` streams in all), so ranks
+  and workers never read the same sample.
+- A stream is a pure function of (seed, g): per epoch its shard order and shuffle buffer are driven
+  by a generator seeded from (seed, g, epoch), and its batches are cut from consecutive raw records.
+- Batch ``k`` of a rank always comes from logical stream ``k % num_workers``. The DataLoader hands
+  out worker outputs round-robin starting at worker 0, so a loader restarted after ``k`` batches
+  maps worker ``w`` to stream ``(w + k) % num_workers``, and each stream skips the raw records it had
+  already batched (no decoding). The whole position is therefore one number: batches consumed.
+- A sample that cannot be decoded is counted and replaced inside its batch by another sample of the
+  same batch, so batch shapes and positions do not depend on decoding success.
+- A shard that cannot be read (empty, not a tar, truncated) is skipped from the damage on, named in
+  a warning and counted (``skipped_shards`` of the next batch); a stream whose shards yield no
+  sample at all in an epoch stops with a DataError naming them instead of spinning forever.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .decode import decode_sample
+from .errors import DataError
+from .tar import iter_records
+
+logger = logging.getLogger(__name__)
+
+
+def _stream_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([abs(p) for p in parts]).generate_state(1)[0])
+
+
+@dataclass
+class StreamSpec:
+    shards: list[str]
+    seed: int
+    batch_size: int
+    shuffle_buffer: int
+    image_size: int
+    num_classes: int
+    random_flip: bool
+    latent_size: int | None = None  # the expected h = w of latent shards' moments
+
+
+def shuffled(records: Iterator[dict[str, Any]], buffer_size: int,
+             rng: random.Random) -> Iterator[dict[str, Any]]:
+    """Reservoir shuffle: fill the buffer, then emit a random element for each new record."""
+    buffer: list[dict[str, Any]] = []
+    for record in records:
+        if len(buffer) < buffer_size:
+            buffer.append(record)
+            continue
+        index = rng.randrange(len(buffer))
+        yield buffer[index]
+        buffer[index] = record
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def raw_batches(spec: StreamSpec, stream_id: int) -> Iterator[tuple[list[dict[str, Any]], int]]:
+    """Endless (``batch_size`` raw records, shards skipped since the last batch) of one logical
+    stream, epoch after epoch. An epoch without a single readable record is a DataError: the
+    stream would otherwise spin forever."""
+    pending: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    reported = 0
+    for epoch in range(1 << 62):
+        rng = random.Random(_stream_seed(spec.seed, stream_id, epoch))
+        order = list(spec.shards)
+        rng.shuffle(order)
+        records = 0
+        for record in shuffled(iter_records(order, skipped), spec.shuffle_buffer, rng):
+            records += 1
+            pending.append(record)
+            if len(pending) == spec.batch_size:
+                yield pending, len(skipped) - reported
+                reported = len(skipped)
+                pending = []
+        if not records:
+            reasons = "; ".join(skipped[-len(order):]) or "no samples in them"
+            raise DataError(f"shards {', '.join(order)} yield no readable sample ({reasons}); "
+                            "rewrite or remove them")
+
+
+def collate(spec: StreamSpec, records: list[dict[str, Any]], flip_seed: int) -> dict[str, Any]:
+    """Decode a raw batch; corrupt samples are replaced by good ones of the same batch.
+
+    Image batches hold ``images``, (B, 3, H, W) uint8 (4x less to move than floats; the trainer
+    normalises on its device with :func:`normalize_images`); latent batches hold ``moments``
+    (B, 2, C, h, w), the mean and std of the image or of its mirror, as the flip draw says.
+    """
+    images, labels, keys, bad = [], [], [], []
+    for record in records:
+        try:
+            pixels, label = decode_sample(record, spec.image_size, spec.num_classes, spec.latent_size)
+        except Exception as err:  # noqa: BLE001 - any decoding failure is a corrupt sample
+            bad.append(f"{record.get('__url__', '?')}:{record.get('__key__', '?')} ({err})")
+            continue
+        images.append(pixels)
+        labels.append(label)
+        keys.append(record["__key__"])
+    for where in bad:
+        logger.warning("skipping corrupt sample %s", where)
+    if not images:
+        raise DataError(f"every sample of a batch is corrupt, e.g. {bad[0]}; check the shards")
+    fill = len(records) - len(images)
+    images += images[:fill] * (fill // max(len(images), 1) + 1)
+    labels += labels[:fill] * (fill // max(len(labels), 1) + 1)
+    keys += keys[:fill] * (fill // max(len(keys), 1) + 1)
+    samples = images[: len(records)]
+    flip = [False] * len(samples)
+    if spec.random_flip:
+        flip = (torch.rand(len(samples), generator=torch.Generator().manual_seed(flip_seed)) < 0.5).tolist()
+    batch: dict[str, Any] = {"labels": torch.tensor(labels[: len(records)], dtype=torch.long),
+                             "keys": keys[: len(records)], "corrupt": len(bad)}
+    if samples[0].ndim == 5:  # latent moments: pick the stored mirror instead of flipping latents
+        batch["moments"] = torch.from_numpy(np.stack([m[int(f)] for m, f in zip(samples, flip, strict=True)]))
+        batch["moments"] = batch["moments"].float()
+    else:  # HWC -> CHW and the flip as views; np.stack makes the one copy
+        views = [(pixels[:, ::-1] if f else pixels).transpose(2, 0, 1)
+                 for pixels, f in zip(samples, flip, strict=True)]
+        batch["images"] = torch.from_numpy(np.stack(views))
+    return batch
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+class ShardStream(IterableDataset):
+    """Yields whole decoded batches; see the module docstring for the resume contract."""
+
+    def __init__(self, spec: StreamSpec, rank: int, world_size: int, num_workers: int,
+                 start_batch: int = 0) -> None:
+        super().__init__()
+        self.spec = spec
+        self.rank = rank
+        self.streams_per_rank = max(num_workers, 1)
+        self.start_batch = start_batch
+        total = world_size * self.streams_per_rank
+        if len(spec.shards) < total:
+            raise DataError(
+                f"{len(spec.shards)} shards cannot feed {world_size} process(es) x "
+                f"{self.streams_per_rank} loader worker(s) = {total} streams without repeats; "
+                "write more shards or lower data.num_workers"
+            )
+        self.total_streams = total
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        local = (worker + self.start_batch) % self.streams_per_rank
+        stream_id = self.rank * self.streams_per_rank + local
+        spec = dataclasses.replace(self.spec, shards=self.spec.shards[stream_id :: self.total_streams])
+        # Batches this stream handed out before the restart: k < start_batch with k % W == local.
+        already = max(0, -(-(self.start_batch - local) // self.streams_per_rank))
+        for index, (records, skipped) in enumerate(raw_batches(spec, stream_id)):
+            if index < already:
+                continue
+            batch = collate(spec, records, _stream_seed(self.spec.seed, stream_id, index, 1))
+            batch["skipped_shards"] = skipped
+            yield batch
+
+
+def next_batch(batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    """The loader's next batch. A DataError raised in a loader worker comes back with the worker's
+    traceback folded into its message: keep the message the worker raised."""
+    try:
+        return next(batches)
+    except DataError as err:
+        text = str(err)
+        if "Traceback" not in text:
+            raise
+        raise DataError(text.rstrip().rpartition("DataError: ")[2]) from None
+
+
+def build_loader(spec: StreamSpec, rank: int, world_size: int, num_workers: int,
+                 start_batch: int = 0) -> DataLoader:
+    """An endless DataLoader of batches, positioned after ``start_batch`` batches of this rank."""
+    dataset = ShardStream(spec, rank, world_size, num_workers, start_batch)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())
