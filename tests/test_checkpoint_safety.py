@@ -285,7 +285,7 @@ def test_disk_full_while_writing_removes_the_partial_checkpoint(small_disk: Path
     root = small_disk / "run" / "checkpoints"
     huge = {"padding": "x" * (shutil.disk_usage(small_disk).free + (1 << 20))}
     with pytest.raises(CheckpointError, match="disk full: .* the last good checkpoint step_00000003 is kept"):
-        save_checkpoint(trainer.checkpointed, small_disk / "run", 4, huge, keep_last=3, estimate=0)
+        save_checkpoint(trainer.checkpointer.content, small_disk / "run", 4, huge, keep_last=3, estimate=0)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003"]
     assert (root / "latest").read_text().strip() == "step_00000003"
 

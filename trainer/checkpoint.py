@@ -114,6 +114,26 @@ class Checkpointed:
     objects: list[Any] = field(default_factory=list)
 
 
+class Checkpointer:
+    """The run's checkpoint writer, which also decides when one is due: every ``every`` steps, at
+    the last step and when the run stops on a signal, and never twice for the same step."""
+
+    def __init__(self, content: Checkpointed, output_dir: str | Path, every: int, keep_last: int,
+                 estimate: int) -> None:
+        self.content, self.output_dir = content, output_dir
+        self.every, self.keep_last, self.estimate = every, keep_last, estimate
+        self.last_step = -1  # the step of the checkpoint this run wrote last
+
+    def due(self, step: int, last: bool, stop: bool) -> bool:
+        return (step % self.every == 0 or last or stop) and self.last_step != step
+
+    def save(self, step: int, meta: dict[str, Any]) -> Path:
+        """Write the checkpoint of ``step`` on every rank (see ``save_checkpoint``)."""
+        path = save_checkpoint(self.content, self.output_dir, step, meta, self.keep_last, self.estimate)
+        self.last_step = step
+        return path
+
+
 def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 

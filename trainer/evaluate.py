@@ -133,6 +133,25 @@ def sample_grid(model: nn.Module, sample_latents: LatentSampler, cfg: Config,
     return save_grid(torch.cat(rows), len(classes), path, scale=scale)
 
 
+@dataclass
+class GridWriter:
+    """A training run's sample grids (``samples/step_N.png``), which also decides when one is due:
+    every ``train.sample_every`` steps and at the last step."""
+
+    cfg: Config
+    sample_latents: LatentSampler
+    codec: PixelCodec | SDVAECodec
+    device: torch.device
+    folder: Path
+
+    def due(self, step: int, last: bool) -> bool:
+        return step % self.cfg.train.sample_every == 0 or last
+
+    def write(self, model: nn.Module, step: int, should_stop: Callable[[], bool] | None = None) -> Path:
+        path = self.folder / f"step_{step:08d}.png"
+        return sample_grid(model, self.sample_latents, self.cfg, self.codec, self.device, path, should_stop)
+
+
 # --------------------------------------------------------------------------- sample sets
 
 def balanced_labels(count: int, num_classes: int) -> np.ndarray:

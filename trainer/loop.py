@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ..models.vae import load_codec
 from .checkpoint import (
     Checkpointed,
+    Checkpointer,
     CheckpointError,
     TrainState,
     changed_keys,
@@ -27,17 +28,24 @@ from .checkpoint import (
     record_stop,
     remove_stale_tmp,
     resume_from,
-    save_checkpoint,
 )
 from .config import Config, config_hash, dump_yaml, flatten
 from .data import StreamSpec, build_loader, check_manifest, next_batch, normalize_images, resolve_shards
 from .distributed import all_ranks, from_main
 from .ema import EMA
 from .engines import make_accelerator
-from .evaluate import EvaluationInterrupted, Sampler, TrainingFID, sample_grid
+from .evaluate import EvaluationInterrupted, GridWriter, Sampler, TrainingFID
 from .fid import metric_name
 from .objectives import build_denoiser, objective_class
-from .objectives.base import VAE_STREAM, Denoiser, StepContext, diffusion_of, step_rng
+from .objectives.base import (
+    VAE_STREAM,
+    Denoiser,
+    LatentSampler,
+    Objective,
+    StepContext,
+    diffusion_of,
+    step_rng,
+)
 from .preemption import PreemptionGuard
 from .runlock import RunLock, RunLockedError
 from .tracking import (
@@ -155,6 +163,18 @@ def parameters_finite(modules: list[torch.nn.Module]) -> torch.Tensor:
 class Trainer:
     """One training run. ``Trainer(cfg).run()`` trains to ``train.steps`` and returns a summary."""
 
+    # Built by ``build`` (after the inputs are checked and the run folder is locked):
+    codec: torch.nn.Module  # pixels or SD-VAE latents
+    model: torch.nn.Module  # the denoiser, prepared (DDP module or DeepSpeed engine)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: EMA
+    objective: Objective
+    sample_latents: LatentSampler  # how the objective's denoiser samples
+    checkpointer: Checkpointer
+    grids: GridWriter
+    num_params: int
+
     def __init__(self, cfg: Config, resume: str = "auto", allow_config_change: bool = False,
                  progress: bool = True) -> None:
         self.cfg = cfg
@@ -171,7 +191,6 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.metrics_log = JsonLines(self.output_dir / "metrics.jsonl")
         self.fid_log = JsonLines(self.output_dir / "fid.jsonl")
-        self.last_checkpoint_step = -1
 
     # ------------------------------------------------------------------ set-up
     def _check_inputs(self) -> list[str]:
@@ -208,13 +227,16 @@ class Trainer:
                             self.codec.channels, latent_size, grad_clip=cfg.optim.grad_clip)
         self.objective = objective_class(cfg.objective)(cfg, denoiser)
         self.sample_latents = self.objective.sampler(cfg, self.codec.channels, latent_size)
+        self.grids = GridWriter(cfg, self.sample_latents, self.codec, accelerator.device,
+                                self.output_dir / "samples")
         self.num_params = sum(p.numel() for p in model.parameters())
         adversaries = self.objective.adversaries()
-        self.checkpointed = Checkpointed(
+        content = Checkpointed(
             accelerator, {name: adversary.accelerator for name, adversary in adversaries.items()},
             self.ema, self.state, self.objective.checkpoint_objects())
         adversary_params = sum(p.numel() for a in adversaries.values() for p in a.net.parameters())
-        self.checkpoint_estimate = CHECKPOINT_BYTES_PER_PARAM * (self.num_params + adversary_params)
+        self.checkpointer = Checkpointer(content, self.output_dir, cfg.train.ckpt_every, cfg.train.keep_last,
+                                         CHECKPOINT_BYTES_PER_PARAM * (self.num_params + adversary_params))
 
     def _check_resumed_config(self, meta: dict[str, Any]) -> None:
         saved_world = meta.get("world_size", self.accelerator.num_processes)
@@ -317,9 +339,7 @@ class Trainer:
         meta = {"config": flatten(self.cfg), "config_hash": config_hash(self.cfg),
                 "mlflow_run_id": self.state.mlflow_run_id, "images_seen": self.state.images_seen,
                 "world_size": self.accelerator.num_processes, "stopped_by": self.preemption.stopped_by}
-        path = save_checkpoint(self.checkpointed, self.output_dir, self.state.step, meta,
-                               self.cfg.train.keep_last, self.checkpoint_estimate)
-        self.last_checkpoint_step = self.state.step
+        path = self.checkpointer.save(self.state.step, meta)
         logger.info("checkpoint %s", path)
         return path
 
@@ -327,13 +347,11 @@ class Trainer:
         self.ema.gather()  # on every rank: under ZeRO-3 a collective
         if not self.accelerator.is_main_process:
             return None
-        path = self.output_dir / "samples" / f"step_{self.state.step:08d}.png"
         # Between rows the main process looks at its own signal flag (a collective would need
         # every rank); the ranks agree on stopping right after the evaluation.
         try:
-            path = sample_grid(self.ema.model, self.sample_latents, self.cfg, self.codec,
-                               self.accelerator.device, path,
-                               should_stop=lambda: bool(self.preemption.received))
+            path = self.grids.write(self.ema.model, self.state.step,
+                                    should_stop=lambda: bool(self.preemption.received))
         except EvaluationInterrupted as err:
             logger.warning("sample grid of step %d abandoned: %s", self.state.step, err)
             return None
@@ -399,7 +417,8 @@ class Trainer:
             (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
             remove_stale_tmp(self.output_dir)
         self.build()
-        resumed = resume_from(self.checkpointed, self.resume, self.output_dir, self._check_resumed_config)
+        resumed = resume_from(self.checkpointer.content, self.resume, self.output_dir,
+                              self._check_resumed_config)
         if accelerator.is_main_process:
             self._truncate_logs()
         self._open_tracker()
@@ -464,7 +483,7 @@ class Trainer:
             window, checkpoint = self._record(window, bar, stop, checkpoint)
             if stop:
                 break
-            evaluated = step % cfg.train.sample_every == 0 or last
+            evaluated = self.grids.due(step, last)
             if evaluated:
                 grid = self._grid() or grid
             if self.fid is not None and self.fid.due(step, last):
@@ -485,7 +504,7 @@ class Trainer:
         if (step % cfg.log_every == 0 or last or stop) and window.counts:
             self._log(window, bar)
             window = MetricWindow()
-        if (step % cfg.ckpt_every == 0 or last or stop) and self.last_checkpoint_step != step:
+        if self.checkpointer.due(step, last, stop):
             checkpoint = self._checkpoint(window)
         elif stop and checkpoint is not None and self.accelerator.is_main_process:
             # Written earlier in this step (it was due before a grid or an FID): note the signal.
