@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,21 @@ def test_non_finite_and_out_of_range_values_fail_before_the_run_folder(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("advdit: error: config key")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------- recipes and composition
+RECIPES = sorted((REPO / "tests" / "data").glob("imagenet*.json"))
+
+
+def frozen(fixture: Path) -> dict:
+    """The flattened config a recipe resolved to when tests/data/freeze_config.py wrote ``fixture``."""
+    return json.loads(fixture.read_text())
+
+
+def resolved(cfg) -> dict:
+    return json.loads(json.dumps(flatten(cfg)))  # the same number forms as the fixture
+
+
+@pytest.mark.parametrize("fixture", RECIPES, ids=lambda p: p.stem)
+def test_recipe_file_resolves_as_frozen(fixture: Path) -> None:
+    assert resolved(load_config(REPO / "configs" / f"{fixture.stem}.yaml")) == frozen(fixture)
