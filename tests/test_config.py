@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,23 @@ def resolved(cfg) -> dict:
 @pytest.mark.parametrize("fixture", RECIPES, ids=lambda p: p.stem)
 def test_recipe_file_resolves_as_frozen(fixture: Path) -> None:
     assert resolved(load_config(REPO / "configs" / f"{fixture.stem}.yaml")) == frozen(fixture)
+
+
+def test_attention_choices_are_the_backends_of_models_attention() -> None:
+    from advdit.models.attention import BACKENDS
+
+    with pytest.raises(ConfigError, match=re.escape(f"'model.attention' must be one of {BACKENDS}")):
+        load_config(None, ["model.attention=flash"])
+    chosen = [load_config(None, [f"model.attention={name}"]).model.attention for name in BACKENDS]
+    assert chosen == list(BACKENDS)
+
+
+def test_keys_marked_may_change_are_the_only_ones_a_resume_ignores() -> None:
+    from advdit.trainer.checkpoint import changed_keys
+
+    saved = flatten(load_config(None, ["train.steps=5"]))
+    harmless = ["train.steps=9", "run.output_dir=elsewhere", "model.compile=blocks", "eval.fid_every=10",
+                "eval.reference=ref.npz", "tracking.enabled=false", "optim.fused=false"]
+    assert changed_keys(saved, flatten(load_config(None, harmless))) == {}
+    changed = flatten(load_config(None, [*harmless, "optim.lr=3e-4", "model.attention=math"]))
+    assert changed_keys(saved, changed) == {"optim.lr": (1e-4, 3e-4), "model.attention": ("auto", "math")}
