@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from advdit.trainer.config import ConfigError, config_hash, flatten, load_config
+from advdit.trainer.config import ConfigError, config_hash, flatten, load_config, preset_names
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,11 +65,16 @@ def test_choices_and_ranges_are_checked() -> None:
         load_config(None, ["model.num_classes=10", "sample.grid_classes=[3, 12]"])
 
 
-def test_malformed_override_and_missing_file() -> None:
+def test_malformed_override_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["train.steps"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("nope.yaml")
+    (tmp_path / "a.yaml").write_text("train: {steps: 3}\n")
+    # The missing one of several files is named, with the presets that would have been taken.
+    with pytest.raises(ConfigError, match=r"config file 'imagenet/bsae' does not exist in .*presets: .*"
+                                          r"imagenet/base, .*methods/sadm"):
+        load_config([tmp_path / "a.yaml", "imagenet/bsae"])
 
 
 def test_flatten_and_hash_follow_the_values() -> None:
@@ -80,8 +85,8 @@ def test_flatten_and_hash_follow_the_values() -> None:
     assert config_hash(a) == config_hash(load_config(None, ["train.steps=5"]))
 
 
-@pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_preset_loads(preset: Path) -> None:
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_loads(preset: str) -> None:
     load_config(preset)
 
 
@@ -188,3 +193,48 @@ def test_keys_marked_may_change_are_the_only_ones_a_resume_ignores() -> None:
     assert changed_keys(saved, flatten(load_config(None, harmless))) == {}
     changed = flatten(load_config(None, [*harmless, "optim.lr=3e-4", "model.attention=math"]))
     assert changed_keys(saved, changed) == {"optim.lr": (1e-4, 3e-4), "model.attention": ("auto", "math")}
+
+
+@pytest.mark.parametrize("fixture", RECIPES, ids=lambda p: p.stem)
+def test_preset_composition_resolves_as_the_frozen_recipe(fixture: Path) -> None:
+    resolution, method = re.fullmatch(r"imagenet(\d+)_dit_xl2_(\w+)", fixture.stem).groups()
+    name = f"imagenet{resolution}-dit-xl2-{method}"
+    cfg = load_config(["imagenet/base", f"imagenet/{resolution}", f"methods/{method}"],
+                      [f"run.name={name}", f"run.output_dir=runs/{name}"])
+    assert resolved(cfg) == frozen(fixture)
+
+
+def test_later_config_files_override_earlier_ones_and_overrides_both(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text("train: {steps: 1, log_every: 2}\nrun: {name: first}\n")
+    second.write_text("train: {steps: 3}\n")
+    cfg = load_config([first, second])
+    assert (cfg.train.steps, cfg.train.log_every, cfg.run.name) == (3, 2, "first")
+    assert load_config([second, first]).train.steps == 1
+    cfg = load_config([first, second], ["train.steps=5", "run.name=cli"])
+    assert (cfg.train.steps, cfg.train.log_every, cfg.run.name) == (5, 2, "cli")
+
+
+def test_include_is_read_relative_to_the_file_before_its_own_keys(tmp_path: Path) -> None:
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "short.yaml").write_text("train: {steps: 7, log_every: 7}\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("include: [parts/short, methods/sadm]\ntrain: {log_every: 1}\n")
+    cfg = load_config(recipe)  # parts/short next to the file; methods/sadm a preset of advdit
+    assert (cfg.train.steps, cfg.train.log_every, cfg.objective) == (7, 1, "sadm")
+    recipe.write_text("include: [parts/short.yaml, methods/sadm.yaml]\ntrain: {log_every: 1}\n")
+    cfg = load_config(recipe)
+    assert (cfg.train.steps, cfg.train.log_every, cfg.objective) == (7, 1, "sadm")
+    (tmp_path / "parts" / "short.yaml").write_text("include: ../recipe.yaml\n")
+    with pytest.raises(ConfigError, match=r"includes itself \(.*recipe.yaml -> .*short.yaml -> .*recipe"):
+        load_config(recipe)
+    recipe.write_text("include: {file: x}\n")
+    with pytest.raises(ConfigError, match=r"recipe.yaml: 'include' expects a config file or preset name"):
+        load_config(recipe)
+
+
+def test_an_unknown_key_names_the_file_that_holds_it(tmp_path: Path) -> None:
+    (tmp_path / "good.yaml").write_text("train: {steps: 3}\n")
+    (tmp_path / "bad.yaml").write_text("train: {stpes: 3}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'train.stpes'; did you mean"):
+        load_config([tmp_path / "good.yaml", tmp_path / "bad.yaml"])

@@ -547,16 +547,16 @@ def preset_names() -> list[str]:
 
 
 def find_config(ref: str | Path, folder: Path | None = None) -> Path:
-    """The config file ``ref``: a path (relative to ``folder``, by default the current folder), or
-    else a preset of advdit by name, with or without ``.yaml`` (``imagenet/base``)."""
-    path = (folder or Path()) / ref
-    if path.is_file():
-        return path
+    """The config file ``ref``: a path relative to ``folder`` (by default the current folder), or
+    else a preset of advdit; a name without a suffix also stands for ``name.yaml`` (``imagenet/base``)."""
     name = Path(ref)
+    names = [name] if name.suffix else [name, name.with_suffix(".yaml")]
+    candidates = [(folder or Path()) / path for path in names]
     if not name.is_absolute() and ".." not in name.parts:
-        preset = preset_root() / name.with_suffix(".yaml")
-        if preset.is_file():
-            return preset
+        candidates.append(preset_root() / names[-1])
+    for path in candidates:
+        if path.is_file():
+            return path
     where = "the current folder" if folder is None else str(folder)
     raise ConfigError(f"config file {str(ref)!r} does not exist in {where}, and advdit has no preset of "
                       f"that name (presets: {', '.join(preset_names())})")
