@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from advdit.trainer.config import ConfigError, config_hash, flatten, load_config, preset_names
 
 REPO = Path(__file__).resolve().parents[1]
+ADVDIT = str(Path(sys.executable).with_name("advdit"))
 
 
 def test_demo_preset_and_overrides() -> None:
@@ -238,3 +242,29 @@ def test_an_unknown_key_names_the_file_that_holds_it(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("train: {stpes: 3}\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'train.stpes'; did you mean"):
         load_config([tmp_path / "good.yaml", tmp_path / "bad.yaml"])
+
+
+def advdit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([ADVDIT, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_config_show_prints_the_resolved_config_as_yaml(tmp_path: Path) -> None:
+    name = "imagenet512-dit-xl2-sadm"
+    done = advdit("config", "show", "--config", "imagenet/base", "--config", "imagenet/512",
+                  f"run.output_dir=runs/{name}", "--config", "methods/sadm", f"run.name={name}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    shown = yaml.safe_load(done.stdout)
+    assert shown["sadm"]["lambda"] == 0.1 and shown["eval"]["fid_every"] == 0  # every key, also defaults
+    # Read back as a recorded config is (it holds the sections of other objectives too).
+    fixture = REPO / "tests" / "data" / "imagenet512_dit_xl2_sadm.json"
+    assert resolved(load_config(None, base=shown)) == frozen(fixture)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "imagenet/bsae"], "config file 'imagenet/bsae' does not exist in the current folder"),
+    (["--config", "demo", "train.steps=0"], "config key 'train.steps' must be positive"),
+])
+def test_config_show_errors_are_one_line_with_status_2(args: list[str], message: str, tmp_path: Path) -> None:
+    done = advdit("config", "show", *args, cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"advdit: error: {message}") and done.stderr.count("\n") == 1
