@@ -16,7 +16,6 @@ See docs/slurm.md.
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import json
 import re
 import shlex
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..trainer.checkpoint import checkpoint_dir
-from ..trainer.config import Config, ConfigError, control_character, load_config
+from ..trainer.config import Config, ConfigError, control_character, load_config, package_folder
 from .options import add_config_option
 
 # slurm/train.sbatch of the repository, shipped as package data.
@@ -176,7 +175,7 @@ def render_script(spec: JobSpec, cfg: Config, configs: list[str], overrides: lis
         "launch": _launch_command(spec, cfg, configs, overrides),
         "srun_options": "".join(f" {shlex.quote(option)}" for option in spec.srun_options),
     }
-    template = importlib.resources.files(TEMPLATE[0]).joinpath(TEMPLATE[1]).read_text()
+    template = (package_folder(TEMPLATE[0]) / TEMPLATE[1]).read_text()
     return PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
 
 

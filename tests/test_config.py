@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -268,3 +270,62 @@ def test_config_show_errors_are_one_line_with_status_2(args: list[str], message:
     done = advdit("config", "show", *args, cwd=tmp_path)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith(f"advdit: error: {message}") and done.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------------- an installed wheel
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """advdit built as a wheel (from a copy of the sources, so no stale build/ of the checkout gets
+    in) and installed into a folder of its own, without its dependencies (the venv has them)."""
+    root = tmp_path_factory.mktemp("wheel")
+    (root / "src").mkdir()
+    for name in ("setup.py", "models", "trainer", "launchers", "configs", "slurm"):
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / "src" / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, root / "src" / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", root / "dist", root / "src"],
+                   check=True, capture_output=True, timeout=600)
+    (wheel,) = (root / "dist").glob("advdit-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", root / "site", wheel], check=True,
+                   capture_output=True, timeout=600)
+    return root / "site"
+
+
+def run_installed(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """The installed advdit command, in a folder outside the checkout, seeing only that install."""
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    return subprocess.run([site / "bin" / "advdit", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+def test_an_installed_wheel_resolves_presets_by_name(installed: Path, tmp_path: Path) -> None:
+    where = subprocess.run([sys.executable, "-c", "import advdit.trainer.config as c; print(c.__file__)"],
+                           capture_output=True, text=True, cwd=tmp_path, check=True,
+                           env={**os.environ, "PYTHONPATH": str(installed)}).stdout
+    assert Path(where.strip()).is_relative_to(installed)  # the wheel's code, not the checkout's
+    done = run_installed(installed, tmp_path, "config", "show", "--config", "imagenet256_dit_xl2_ddgan")
+    assert done.returncode == 0, done.stderr
+    shown = yaml.safe_load(done.stdout)
+    fixture = REPO / "tests" / "data" / "imagenet256_dit_xl2_ddgan.json"
+    assert resolved(load_config(None, base=shown)) == frozen(fixture)
+    done = run_installed(installed, tmp_path, "config", "show", "--config", "methods/gan")
+    assert done.returncode == 2 and "presets: demo, imagenet/256," in done.stderr
+
+
+def test_an_installed_wheel_renders_a_slurm_job(installed: Path, tmp_path: Path) -> None:
+    done = run_installed(installed, tmp_path, "slurm", "submit", "--dry-run", "--gpus-per-node", "0",
+                         "--config", "imagenet/base", "--config", "imagenet/512", "--config", "methods/sadm")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("#!/bin/bash\n") and "#SBATCH --job-name=imagenet512-dit-xl2" in done.stdout
+    assert "train --config imagenet/base --config imagenet/512 --config methods/sadm" in done.stdout
+
+
+def test_a_missing_data_package_is_a_one_line_error() -> None:
+    from advdit.trainer.config import package_folder
+
+    assert (package_folder("advdit.configs") / "imagenet" / "base.yaml").is_file()
+    with pytest.raises(ConfigError, match=r"advdit's package advdit\.nothing is not installed; reinstall"):
+        package_folder("advdit.nothing")

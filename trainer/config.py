@@ -534,10 +534,19 @@ INCLUDE = "include"  # a file's list of config files merged before its own keys
 ConfigFiles = str | Path | Sequence[str | Path] | None
 
 
+def package_folder(package: str) -> Path:
+    """The folder of one of advdit's packages of data (``advdit.configs``, ``advdit.slurm``)."""
+    try:
+        # advdit is installed unpacked (never as a zip), so its data are files on disk.
+        return Path(str(importlib.resources.files(package)))
+    except ModuleNotFoundError as err:  # an editable install made before the package existed
+        raise ConfigError(f"advdit's package {package} is not installed; reinstall advdit (make, or "
+                          "pip install -e . in its checkout)") from err
+
+
 def preset_root() -> Path:
     """The folder of the presets shipped with advdit."""
-    # advdit is installed unpacked (never as a zip), so the presets are files on disk.
-    return Path(str(importlib.resources.files(PRESETS)))
+    return package_folder(PRESETS)
 
 
 def preset_names() -> list[str]:
