@@ -80,9 +80,8 @@ class Section:
 # ---------------------------------------------------------------------- the schema
 # What one training step optimises; trainer/objectives.py builds each.
 Objective = Literal["dit", "sadm", "diffusion_gan", "ddgan"]
-OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
 # models/attention.py owns the backends; the config accepts exactly those.
-AttentionBackend = Literal[BACKENDS]  # type: ignore[valid-type]
+AttentionBackend = Literal[BACKENDS]
 # torch.compile: none | blocks (each DiT block) | model (the whole denoiser; fastest on CPU)
 CompileMode = Literal["none", "blocks", "model"]
 # DeepSpeed ZeRO through accelerate (trainer/engines.py)
@@ -461,14 +460,6 @@ def control_character(text: str) -> str | None:
 def key_name(field_name: str) -> str:
     """The config key of a dataclass field: ``lambda_`` (a Python keyword) is written ``lambda``."""
     return field_name.rstrip("_")
-
-
-def get_value(cfg: Config, key: str) -> Any:
-    """The value at a dotted key, e.g. ``get_value(cfg, "sadm.lambda")``."""
-    node: Any = cfg
-    for part in key.split("."):
-        node = getattr(node, part if hasattr(node, part) else part + "_")
-    return node
 
 
 def to_dict(node: Any) -> dict[str, Any]:
