@@ -2,20 +2,28 @@
 
 The user's top-level folders models/, trainer/ and launchers/ are installed as the subpackages
 advdit.models, advdit.trainer and advdit.launchers, so nothing generic such as ``models`` lands at
-the top level of site-packages.
+the top level of site-packages; configs/ and slurm/ likewise as advdit.configs and advdit.slurm.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 SUBPACKAGES = ("models", "trainer", "launchers")
+# Folders of data, shipped as packages so that an installed advdit (a wheel, not only a checkout)
+# has its presets (--config NAME) and job template; the code reads them with importlib.resources.
+DATA_PACKAGES = {"configs": ["*.yaml", "*/*.yaml"], "slurm": ["*.sbatch"]}
+PACKAGES = (*SUBPACKAGES, *DATA_PACKAGES)
+# Each folder's own subpackages too (trainer/data, trainer/objectives, ...): package_dir maps the
+# prefix, so advdit.trainer.data is read from trainer/data.
+NESTED = [f"advdit.{name}.{sub}" for name in SUBPACKAGES for sub in find_packages(name)]
 
 setup(
     name="advdit",
     version="0.1.0",
     description="Distributed class-conditional DiT training with SADM, Diffusion-GAN and DDGAN",
     python_requires=">=3.10",
-    packages=[f"advdit.{name}" for name in SUBPACKAGES],
-    package_dir={f"advdit.{name}": name for name in SUBPACKAGES},
+    packages=[f"advdit.{name}" for name in PACKAGES] + NESTED,
+    package_dir={f"advdit.{name}": name for name in PACKAGES},
+    package_data={f"advdit.{name}": patterns for name, patterns in DATA_PACKAGES.items()},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

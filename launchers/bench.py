@@ -1,8 +1,9 @@
 """``advdit bench``: time training steps of a config, alone or side by side with a baseline.
 
     advdit bench model.arch=DiT-S/2 data.image_size=256 data.batch_size=8 --vs diffusers
-    advdit bench --config configs/imagenet256_dit_xl2_sadm.yaml data.batch_size=8 --vs objective=dit
-    advdit bench --config configs/imagenet256_dit_xl2_dit.yaml model.attention=xformers \\
+    advdit bench --config imagenet/base --config imagenet/256 --config methods/sadm data.batch_size=8 \\
+        --vs objective=dit
+    advdit bench --config imagenet/base --config imagenet/256 model.attention=xformers \\
         --vs model.attention=sdpa
 """
 
@@ -13,13 +14,14 @@ import json
 from pathlib import Path
 
 from ..trainer.config import load_config, to_dict
+from .options import add_config_option
 
 
 def add_training_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser(
         "bench", help="median training-step time, images/s, FLOPs, MFU and peak memory of a config",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_argument("--config", help="YAML preset (default: built-in defaults)")
+    add_config_option(bench)
     bench.add_argument("--vs", action="append", default=[], metavar="diffusers|KEY=VALUE",
                        help="baseline run alternately in the same process: 'diffusers' (its "
                             "DiTTransformer2DModel of the same size, eager, with torch's default "

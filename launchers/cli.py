@@ -1,6 +1,8 @@
 """The ``advdit`` command line.
 
     advdit train --config configs/demo.yaml train.steps=200 [--resume auto|none|PATH]
+    advdit train --config imagenet/base --config imagenet/256 --config methods/sadm
+    advdit config show --config imagenet/base --config imagenet/512 data.batch_size=16
     advdit data demo --out data/demo
 """
 
@@ -14,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from ..trainer.checkpoint import CheckpointError
-from ..trainer.config import ConfigError, load_config
+from ..trainer.config import ConfigError, dump_yaml, load_config
 from ..trainer.data import DataError
 from ..trainer.preemption import PREEMPTED_EXIT_CODE
 from ..trainer.runlock import RunLockedError
@@ -22,6 +24,7 @@ from ..trainer.tracking import TrackingError
 from .bench import add_training_bench_parser
 from .data import add_data_parser
 from .fid import add_fid_parser
+from .options import add_config_option
 from .relaunch import relaunch
 from .sample import add_sample_parser
 from .slurm import SlurmError, add_slurm_parser
@@ -55,6 +58,11 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_show(args: argparse.Namespace) -> int:
+    print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from ..trainer.export import export_weights
 
@@ -78,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a DiT (plus adversarial objectives)")
-    train.add_argument("--config", help="YAML preset, e.g. configs/demo.yaml (default: built-in defaults)")
+    add_config_option(train)
     train.add_argument("--resume", default="auto",
                        help="auto: newest complete checkpoint of run.output_dir (default); "
                             "none: fresh start; or a checkpoint folder")
@@ -89,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted overrides, e.g. train.steps=200 data.batch_size=64")
     train.set_defaults(func=_train)
+
+    config = commands.add_parser("config", help="inspect configs")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser(
+        "show", help="print the resolved config (every key, validated) as YAML")
+    add_config_option(show)
+    show.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="dotted overrides, e.g. train.steps=200")
+    show.set_defaults(func=_config_show)
 
     export = commands.add_parser("export", help="consolidate a checkpoint's denoiser into one file")
     export.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/demo/checkpoints/step_00000700")

@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from ..trainer.checkpoint import checkpoint_dir
-from ..trainer.config import Config, ConfigError, control_character, load_config
+from ..trainer.config import Config, ConfigError, control_character, load_config, package_folder
+from .options import add_config_option
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
+# slurm/train.sbatch of the repository, shipped as package data.
+TEMPLATE = ("advdit.slurm", "train.sbatch")
 # JobSpec fields whose command-line option is not simply the field's name with dashes.
 OPTION_OF_FIELD = {"sbatch_options": "--sbatch-option", "srun_options": "--srun-option"}
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -100,13 +102,15 @@ def job_folder(spec: JobSpec) -> Path:
     return Path(spec.chdir or ".")
 
 
-def read_config(spec: JobSpec, config: str | None, overrides: list[str]) -> Config:
-    """The validated config, read as the job will read it (relative to its working folder)."""
+def read_config(spec: JobSpec, configs: list[str], overrides: list[str]) -> Config:
+    """The validated config, read as the job will read it: config files relative to its working
+    folder (else presets of advdit, by name), in order, then the overrides."""
     spec.check()
-    check_printable("--config", config)
+    for config in configs:
+        check_printable("--config", config)
     for override in overrides:
         check_printable("the override", override)
-    return load_config(None if config is None else job_folder(spec) / config, overrides)
+    return load_config(configs, overrides, folder=Path(spec.chdir) if spec.chdir else None)
 
 
 def final_checkpoint_name(cfg: Config) -> str:
@@ -128,7 +132,7 @@ def _directives(spec: JobSpec, cfg: Config) -> str:
     return "\n".join(f"#SBATCH {shlex.quote(option)}" for option in options)
 
 
-def _launch_command(spec: JobSpec, cfg: Config, config: str | None, overrides: list[str]) -> str:
+def _launch_command(spec: JobSpec, cfg: Config, configs: list[str], overrides: list[str]) -> str:
     """``accelerate launch`` of ``advdit train`` on one node (what every srun task runs)."""
     total = spec.nodes * spec.processes_per_node()
     precision = cfg.train.mixed_precision
@@ -143,7 +147,8 @@ def _launch_command(spec: JobSpec, cfg: Config, config: str | None, overrides: l
         launcher.append("--multi_gpu")
     rendezvous = ('--machine_rank "$SLURM_NODEID" --main_process_ip "$MASTER_ADDR" '
                   '--main_process_port "$MASTER_PORT"')
-    train = ["-m", "advdit.launchers.cli", "train", *(["--config", config] if config else []), *overrides]
+    config_options = [word for config in configs for word in ("--config", config)]
+    train = ["-m", "advdit.launchers.cli", "train", *config_options, *overrides]
     return f"{shlex.join(launcher)} \\\n        {rendezvous} \\\n        {shlex.join(train)}"
 
 
@@ -154,7 +159,7 @@ def _setup(spec: JobSpec) -> str:
     return f"# The Python environment advdit slurm submit ran in.\nexport PATH={bin_dir}:\"$PATH\""
 
 
-def render_script(spec: JobSpec, cfg: Config, config: str | None, overrides: list[str]) -> str:
+def render_script(spec: JobSpec, cfg: Config, configs: list[str], overrides: list[str]) -> str:
     """The sbatch script of this job: slurm/train.sbatch filled in."""
     exports = []
     for item in spec.env:
@@ -167,13 +172,11 @@ def render_script(spec: JobSpec, cfg: Config, config: str | None, overrides: lis
         "environment": "\n".join(exports) or "# (none)",
         "checkpoints": shlex.quote(str(checkpoint_dir(cfg.run.output_dir))),
         "final_checkpoint": final_checkpoint_name(cfg),
-        "launch": _launch_command(spec, cfg, config, overrides),
+        "launch": _launch_command(spec, cfg, configs, overrides),
         "srun_options": "".join(f" {shlex.quote(option)}" for option in spec.srun_options),
     }
-    if not TEMPLATE.is_file():
-        raise SlurmError(f"the job template {TEMPLATE} is missing: advdit slurm renders slurm/ of the "
-                         "repository, so install advdit from its checkout (pip install -e .)")
-    return PLACEHOLDER.sub(lambda match: values[match.group(1)], TEMPLATE.read_text())
+    template = (package_folder(TEMPLATE[0]) / TEMPLATE[1]).read_text()
+    return PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
 
 
 def slurm_command(command: list[str], stdin: str | None = None) -> str:
@@ -313,7 +316,7 @@ def _logs(args: argparse.Namespace) -> int:
 
 def _add_submit_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("submit", help="render the sbatch script of a training run and queue it")
-    parser.add_argument("--config", help="YAML preset, relative to the job's folder (--chdir)")
+    add_config_option(parser, relative_to="the job's folder, --chdir")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8, help="0 for CPU-only nodes (default 8)")
     parser.add_argument("--procs-per-node", type=int,

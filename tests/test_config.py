@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from advdit.trainer.config import ConfigError, config_hash, flatten, load_config
+from advdit.trainer.config import ConfigError, config_hash, flatten, load_config, preset_names
 
 REPO = Path(__file__).resolve().parents[1]
+ADVDIT = str(Path(sys.executable).with_name("advdit"))
 
 
 def test_demo_preset_and_overrides() -> None:
@@ -63,11 +71,16 @@ def test_choices_and_ranges_are_checked() -> None:
         load_config(None, ["model.num_classes=10", "sample.grid_classes=[3, 12]"])
 
 
-def test_malformed_override_and_missing_file() -> None:
+def test_malformed_override_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["train.steps"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("nope.yaml")
+    (tmp_path / "a.yaml").write_text("train: {steps: 3}\n")
+    # The missing one of several files is named, with the presets that would have been taken.
+    with pytest.raises(ConfigError, match=r"config file 'imagenet/bsae' does not exist in .*presets: .*"
+                                          r"imagenet/base, .*methods/sadm"):
+        load_config([tmp_path / "a.yaml", "imagenet/bsae"])
 
 
 def test_flatten_and_hash_follow_the_values() -> None:
@@ -78,8 +91,8 @@ def test_flatten_and_hash_follow_the_values() -> None:
     assert config_hash(a) == config_hash(load_config(None, ["train.steps=5"]))
 
 
-@pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_preset_loads(preset: Path) -> None:
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_loads(preset: str) -> None:
     load_config(preset)
 
 
@@ -148,3 +161,175 @@ def test_non_finite_and_out_of_range_values_fail_before_the_run_folder(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("advdit: error: config key")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------- recipes and composition
+RECIPES = sorted((REPO / "tests" / "data").glob("imagenet*.json"))
+
+
+def frozen(fixture: Path) -> dict:
+    """The flattened config a recipe resolved to when tests/data/freeze_config.py wrote ``fixture``."""
+    return json.loads(fixture.read_text())
+
+
+def resolved(cfg) -> dict:
+    return json.loads(json.dumps(flatten(cfg)))  # the same number forms as the fixture
+
+
+@pytest.mark.parametrize("fixture", RECIPES, ids=lambda p: p.stem)
+def test_recipe_file_resolves_as_frozen(fixture: Path) -> None:
+    assert resolved(load_config(REPO / "configs" / f"{fixture.stem}.yaml")) == frozen(fixture)
+
+
+def test_attention_choices_are_the_backends_of_models_attention() -> None:
+    from advdit.models.attention import BACKENDS
+
+    with pytest.raises(ConfigError, match=re.escape(f"'model.attention' must be one of {BACKENDS}")):
+        load_config(None, ["model.attention=flash"])
+    chosen = [load_config(None, [f"model.attention={name}"]).model.attention for name in BACKENDS]
+    assert chosen == list(BACKENDS)
+
+
+def test_keys_marked_may_change_are_the_only_ones_a_resume_ignores() -> None:
+    from advdit.trainer.checkpoint import changed_keys
+
+    saved = flatten(load_config(None, ["train.steps=5"]))
+    harmless = ["train.steps=9", "run.output_dir=elsewhere", "model.compile=blocks", "eval.fid_every=10",
+                "eval.reference=ref.npz", "tracking.enabled=false", "optim.fused=false"]
+    assert changed_keys(saved, flatten(load_config(None, harmless))) == {}
+    changed = flatten(load_config(None, [*harmless, "optim.lr=3e-4", "model.attention=math"]))
+    assert changed_keys(saved, changed) == {"optim.lr": (1e-4, 3e-4), "model.attention": ("auto", "math")}
+
+
+@pytest.mark.parametrize("fixture", RECIPES, ids=lambda p: p.stem)
+def test_preset_composition_resolves_as_the_frozen_recipe(fixture: Path) -> None:
+    resolution, method = re.fullmatch(r"imagenet(\d+)_dit_xl2_(\w+)", fixture.stem).groups()
+    name = f"imagenet{resolution}-dit-xl2-{method}"
+    cfg = load_config(["imagenet/base", f"imagenet/{resolution}", f"methods/{method}"],
+                      [f"run.name={name}", f"run.output_dir=runs/{name}"])
+    assert resolved(cfg) == frozen(fixture)
+
+
+def test_later_config_files_override_earlier_ones_and_overrides_both(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text("train: {steps: 1, log_every: 2}\nrun: {name: first}\n")
+    second.write_text("train: {steps: 3}\n")
+    cfg = load_config([first, second])
+    assert (cfg.train.steps, cfg.train.log_every, cfg.run.name) == (3, 2, "first")
+    assert load_config([second, first]).train.steps == 1
+    cfg = load_config([first, second], ["train.steps=5", "run.name=cli"])
+    assert (cfg.train.steps, cfg.train.log_every, cfg.run.name) == (5, 2, "cli")
+
+
+def test_include_is_read_relative_to_the_file_before_its_own_keys(tmp_path: Path) -> None:
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "short.yaml").write_text("train: {steps: 7, log_every: 7}\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("include: [parts/short, methods/sadm]\ntrain: {log_every: 1}\n")
+    cfg = load_config(recipe)  # parts/short next to the file; methods/sadm a preset of advdit
+    assert (cfg.train.steps, cfg.train.log_every, cfg.objective) == (7, 1, "sadm")
+    recipe.write_text("include: [parts/short.yaml, methods/sadm.yaml]\ntrain: {log_every: 1}\n")
+    cfg = load_config(recipe)
+    assert (cfg.train.steps, cfg.train.log_every, cfg.objective) == (7, 1, "sadm")
+    (tmp_path / "parts" / "short.yaml").write_text("include: ../recipe.yaml\n")
+    with pytest.raises(ConfigError, match=r"includes itself \(.*recipe.yaml -> .*short.yaml -> .*recipe"):
+        load_config(recipe)
+    recipe.write_text("include: {file: x}\n")
+    with pytest.raises(ConfigError, match=r"recipe.yaml: 'include' expects a config file or preset name"):
+        load_config(recipe)
+
+
+def test_an_unknown_key_names_the_file_that_holds_it(tmp_path: Path) -> None:
+    (tmp_path / "good.yaml").write_text("train: {steps: 3}\n")
+    (tmp_path / "bad.yaml").write_text("train: {stpes: 3}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'train.stpes'; did you mean"):
+        load_config([tmp_path / "good.yaml", tmp_path / "bad.yaml"])
+
+
+def advdit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([ADVDIT, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_config_show_prints_the_resolved_config_as_yaml(tmp_path: Path) -> None:
+    name = "imagenet512-dit-xl2-sadm"
+    done = advdit("config", "show", "--config", "imagenet/base", "--config", "imagenet/512",
+                  f"run.output_dir=runs/{name}", "--config", "methods/sadm", f"run.name={name}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    shown = yaml.safe_load(done.stdout)
+    assert shown["sadm"]["lambda"] == 0.1 and shown["eval"]["fid_every"] == 0  # every key, also defaults
+    # Read back as a recorded config is (it holds the sections of other objectives too).
+    fixture = REPO / "tests" / "data" / "imagenet512_dit_xl2_sadm.json"
+    assert resolved(load_config(None, base=shown)) == frozen(fixture)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "imagenet/bsae"], "config file 'imagenet/bsae' does not exist in the current folder"),
+    (["--config", "demo", "train.steps=0"], "config key 'train.steps' must be positive"),
+])
+def test_config_show_errors_are_one_line_with_status_2(args: list[str], message: str, tmp_path: Path) -> None:
+    done = advdit("config", "show", *args, cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"advdit: error: {message}") and done.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------------- an installed wheel
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """advdit built as a wheel (from a copy of the sources, so no stale build/ of the checkout gets
+    in) and installed into a folder of its own, without its dependencies (the venv has them)."""
+    root = tmp_path_factory.mktemp("wheel")
+    (root / "src").mkdir()
+    for name in ("setup.py", "models", "trainer", "launchers", "configs", "slurm"):
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / "src" / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, root / "src" / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", root / "dist", root / "src"],
+                   check=True, capture_output=True, timeout=600)
+    (wheel,) = (root / "dist").glob("advdit-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", root / "site", wheel], check=True,
+                   capture_output=True, timeout=600)
+    return root / "site"
+
+
+def run_installed(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """The installed advdit command, in a folder outside the checkout, seeing only that install."""
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    return subprocess.run([site / "bin" / "advdit", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+def test_an_installed_wheel_resolves_presets_by_name(installed: Path, tmp_path: Path) -> None:
+    where = subprocess.run([sys.executable, "-c", "import advdit.trainer.config as c; print(c.__file__)"],
+                           capture_output=True, text=True, cwd=tmp_path, check=True,
+                           env={**os.environ, "PYTHONPATH": str(installed)}).stdout
+    assert Path(where.strip()).is_relative_to(installed)  # the wheel's code, not the checkout's
+    packages = sorted({str(p.parent.relative_to(REPO)) for top in ("models", "trainer", "launchers")
+                       for p in (REPO / top).rglob("__init__.py")})
+    for package in packages:  # every subpackage of the checkout is in the wheel
+        assert (installed / "advdit" / package / "__init__.py").is_file(), package
+    done = run_installed(installed, tmp_path, "config", "show", "--config", "imagenet256_dit_xl2_ddgan")
+    assert done.returncode == 0, done.stderr
+    shown = yaml.safe_load(done.stdout)
+    fixture = REPO / "tests" / "data" / "imagenet256_dit_xl2_ddgan.json"
+    assert resolved(load_config(None, base=shown)) == frozen(fixture)
+    done = run_installed(installed, tmp_path, "config", "show", "--config", "methods/gan")
+    assert done.returncode == 2 and "presets: demo, imagenet/256," in done.stderr
+
+
+def test_an_installed_wheel_renders_a_slurm_job(installed: Path, tmp_path: Path) -> None:
+    done = run_installed(installed, tmp_path, "slurm", "submit", "--dry-run", "--gpus-per-node", "0",
+                         "--config", "imagenet/base", "--config", "imagenet/512", "--config", "methods/sadm")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("#!/bin/bash\n") and "#SBATCH --job-name=imagenet512-dit-xl2" in done.stdout
+    assert "train --config imagenet/base --config imagenet/512 --config methods/sadm" in done.stdout
+
+
+def test_a_missing_data_package_is_a_one_line_error() -> None:
+    from advdit.trainer.config import package_folder
+
+    assert (package_folder("advdit.configs") / "imagenet" / "base.yaml").is_file()
+    with pytest.raises(ConfigError, match=r"advdit's package advdit\.nothing is not installed; reinstall"):
+        package_folder("advdit.nothing")

@@ -70,6 +70,21 @@ def test_cpu_nodes_get_no_gpus_and_one_process_alone_no_multi_gpu(capsys: pytest
     assert "--num_processes 1" in script and "--multi_gpu" not in script
 
 
+def test_every_config_file_reaches_the_job_in_order_and_quoted(capsys: pytest.CaptureFixture,
+                                                               tmp_path: Path) -> None:
+    odd = tmp_path / "my recipe's $(touch FILE).yaml"  # would run touch in the job if left unquoted
+    odd.write_text("train: {steps: 7}\n")
+    configs = ["--config", "imagenet/base", "--config", "methods/ddgan", "--config", str(odd)]
+    script = rendered(capsys, ["--gpus-per-node", "0", *configs, "train.log_every=5"])
+    assert "final_checkpoint=step_00000007" in script  # the last file's value, as the job reads it
+    # The words bash makes of the rendered training command (the last line of the launch).
+    command = re.search(r"exec accelerate launch .*?\n +(-m advdit.*?)\n\}", script, re.DOTALL).group(1)
+    words = subprocess.run(["bash", "-c", f"printf '%s\\n' {command}"], cwd=tmp_path, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    assert words == ["-m", "advdit.launchers.cli", "train", *configs, "train.log_every=5"]
+    assert not (tmp_path / "FILE").exists()
+
+
 def documented_command() -> tuple[list[str], str]:
     """The dry-run command in docs/slurm.md and the script shown after it."""
     text = DOCS.read_text()
@@ -89,7 +104,8 @@ def test_newline_in_the_job_name_is_refused_naming_the_option(capsys: pytest.Cap
     captured = capsys.readouterr()
     assert captured.out == ""  # no script
     assert captured.err.startswith("advdit: error: --job-name holds the control character '\\n'")
-    options = ("--partition", "--time", "--setup", "--env", "--sbatch-option", "--srun-option", "--chdir")
+    options = ("--partition", "--time", "--setup", "--env", "--sbatch-option", "--srun-option", "--chdir",
+               "--config")
     for option in options:
         value = "X=1\rY" if option == "--env" else "a\rb"
         assert main(["slurm", "submit", "--dry-run", option, value]) == 2

@@ -138,3 +138,14 @@ def test_every_module_imports_on_its_own() -> None:
     done = subprocess.run([sys.executable, "-c", script, *names], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "FAILED []" in done.stdout
+
+
+def test_the_registry_and_the_config_name_the_same_objectives() -> None:
+    from typing import get_args
+
+    from advdit.trainer.config import Objective
+    from advdit.trainer.objectives import OBJECTIVES
+
+    assert set(OBJECTIVES) == set(get_args(Objective))
+    for name, cls in OBJECTIVES.items():
+        assert cls.name == name and all(isinstance(attr, str) for attr in cls.adversary_names)

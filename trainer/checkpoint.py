@@ -46,6 +46,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .config import resume_changeable_keys
 from .distributed import all_ranks, from_main, merged, world
 from .ema import EMA
 from .files import file_sha256, write_json_atomic, write_text_atomic
@@ -57,18 +58,6 @@ EMA_FILE = "ema.safetensors"
 FORMAT = 2  # 1: EMA and counters as pickles (custom_checkpoint_*.pkl), refused since they can run code
 LEGACY_PICKLES = "custom_checkpoint_*.pkl"
 STEP_DIR = re.compile(r"^step_(\d+)$")
-# Keys that may differ between a checkpoint's config and the resuming run's without changing what
-# the run computes: its name and folder (runs get moved), how long to train, how often to log and save.
-RESUMABLE_CHANGES = {
-    "run.name", "run.output_dir", "train.steps", "train.log_every", "train.ckpt_every",
-    "train.keep_last", "train.sample_every", "tracking.uri", "tracking.enabled", "tracking.experiment",
-    "tracking.flush_seconds",
-    # evaluation only reads the weights (and checkpoints made before the eval section lack these keys)
-    "eval.fid_every", "eval.fid_samples", "eval.final_fid_samples", "eval.reference",
-    "eval.inception_weights", "eval.feature_net", "eval.batch_size", "eval.cache_dir",
-    # how fast the step runs, not what it computes (checkpoints made before these keys lack them)
-    "model.compile", "train.tf32", "optim.fused",
-}
 # Plain record classes inside DeepSpeed's ZeRO optimizer states: an enum, a dataclass of two ints
 # and the loss scalers (static, and dynamic for fp16), whose state is numbers and a dtype. The
 # weights-only unpickler may build these and nothing else of DeepSpeed's.
@@ -376,7 +365,7 @@ def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tu
     return {
         key: (saved.get(key), current.get(key))
         for key in sorted(keys)
-        if saved.get(key) != current.get(key) and key not in RESUMABLE_CHANGES
+        if saved.get(key) != current.get(key) and key not in resume_changeable_keys()
     }
 
 

@@ -1,40 +1,104 @@
 """Typed run configuration: YAML presets, dotted command-line overrides, validation.
 
-The schema is a tree of dataclasses. A YAML file is merged onto the defaults, then overrides such as
-``train.steps=200`` are applied; every key and every value is checked against the schema, and a
-mistake names the key, what was expected and (for unknown keys) the closest valid key.
+The schema is a tree of dataclasses whose sections check themselves when they are built: every
+value against its field's annotation (choices are ``Literal`` types), then each section's own
+rules in its ``__post_init__``. Config files (paths, or presets shipped in ``advdit.configs``) are
+merged onto the defaults in order, each after the files it ``include:``s, then overrides such as
+``train.steps=200``; a mistake names the key, what was expected and (for unknown keys) the closest
+valid key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
+import importlib.resources
 import json
 import math
 import types
 import typing
 import unicodedata
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+from ..models.attention import BACKENDS
 
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the config."""
 
 
+# A field with this metadata (or every field of a section with it) may differ between a
+# checkpoint's config and the resuming run's: it does not change what the run computes.
+MAY_CHANGE_ON_RESUME = {"resume": "may_change"}
+
+
+def _may_change(default: Any) -> Any:
+    return field(default=default, metadata=MAY_CHANGE_ON_RESUME)
+
+
 @dataclass
-class RunConfig:
-    name: str = "advdit"
-    output_dir: str = "runs/advdit"
+class Section:
+    """A config section: its values are checked against their annotations when it is built (ints
+    are taken where floats are expected); subclasses add their own rules in ``__post_init__``."""
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            if dataclasses.is_dataclass(hints[f.name]):
+                continue  # a section, checked when it was built
+            key = self.key(f.name)
+            value = _coerce(getattr(self, f.name), hints[f.name], key)
+            _check_finite_and_printable(key, value)
+            setattr(self, f.name, value)
+
+    def key(self, attribute: str) -> str:
+        """The dotted config key of one of this section's fields, e.g. ``optim.lr``."""
+        section = _section_names().get(type(self), "")
+        return f"{section}.{key_name(attribute)}" if section else key_name(attribute)
+
+    def require_positive(self, *attributes: str) -> None:
+        for attribute in attributes:
+            if getattr(self, attribute) <= 0:
+                raise ConfigError(f"config key {self.key(attribute)!r} must be positive")
+
+    def require_range(self, attribute: str, low: float, inclusive: bool, high: float | None = None) -> None:
+        """``low <= value`` (``low < value`` unless ``inclusive``) and ``value < high``."""
+        value = getattr(self, attribute)
+        above = value >= low if inclusive else value > low
+        if not (above and (high is None or value < high)):
+            bounds = f"{'[' if inclusive else '('}{low}, {high if high is not None else 'inf'})"
+            raise ConfigError(f"config key {self.key(attribute)!r} must be in {bounds}, got {value!r}")
+
+
+# ---------------------------------------------------------------------- the schema
+# What one training step optimises; trainer/objectives.py builds each.
+Objective = Literal["dit", "sadm", "diffusion_gan", "ddgan"]
+# models/attention.py owns the backends; the config accepts exactly those.
+AttentionBackend = Literal[BACKENDS]
+# torch.compile: none | blocks (each DiT block) | model (the whole denoiser; fastest on CPU)
+CompileMode = Literal["none", "blocks", "model"]
+# DeepSpeed ZeRO through accelerate (trainer/engines.py)
+Strategy = Literal["ddp", "zero2", "zero3"]
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+Sampler = Literal["ddim", "ddpm"]
+
+
+@dataclass
+class RunConfig(Section):
+    name: str = _may_change("advdit")
+    output_dir: str = _may_change("runs/advdit")  # runs get moved
     seed: int = 0
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     arch: str = "DiT-XL/2"
     # Override the named size, for small networks (tests, the CPU demo); null keeps the size's own.
     depth: int | None = None
@@ -43,21 +107,30 @@ class ModelConfig:
     num_classes: int = 1000
     class_dropout: float = 0.1
     learn_sigma: bool = True
-    attention: str = "auto"
+    attention: AttentionBackend = "auto"
     grad_checkpointing: bool = False
-    # torch.compile: none | blocks (each DiT block) | model (the whole denoiser; fastest on CPU)
-    compile: str = "none"
+    # How fast the step runs, not what it computes (checkpoints made before this key lack it).
+    compile: CompileMode = _may_change("none")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require_positive("num_classes")
+        self.require_range("class_dropout", 0.0, True, 1.0)
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(Section):
     steps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require_positive("steps")
+
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     # A shard directory (with manifest.json or *.tar files), a brace pattern such as
     # "data/train-{000000..000099}.tar", or a list of tar paths.
     shards: str | list[str] = "data/demo/train"
@@ -67,49 +140,78 @@ class DataConfig:
     shuffle_buffer: int = 1000
     random_flip: bool = True
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require_positive("batch_size", "image_size")
+
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
     lr: float = 1e-4
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
     warmup_steps: int = 0
     grad_clip: float = 1.0
-    fused: bool | None = None  # AdamW's fused kernel; null: on (CUDA and CPU)
+    # AdamW's fused kernel; null: on (CUDA and CPU). Speed only (older checkpoints lack the key).
+    fused: bool | None = _may_change(None)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_adam(self)
+        self.require_range("grad_clip", 0.0, True)
+        self.require_range("warmup_steps", 0, True)
+
+
+def _check_adam(section: OptimConfig | DiscConfig) -> None:
+    """Checked before anything is built or written: an lr of NaN or inf (refused for every float)
+    or out of range would train, and checkpoint, non-finite weights."""
+    section.require_range("lr", 0.0, False)
+    section.require_range("weight_decay", 0.0, True)
+    section.require_range("beta1", 0.0, True, 1.0)
+    section.require_range("beta2", 0.0, True, 1.0)
 
 
 @dataclass
-class DistributedConfig:
-    # ddp | zero2 | zero3 (DeepSpeed ZeRO through accelerate; trainer/engines.py)
-    strategy: str = "ddp"
+class DistributedConfig(Section):
+    strategy: Strategy = "ddp"
     offload_optimizer: bool = False  # ZeRO only: optimizer states in CPU memory
 
 
 @dataclass
-class TrainConfig:
-    steps: int = 400_000
+class TrainConfig(Section):
+    # How long to train, how often to log and save: none of it changes what a step computes.
+    steps: int = _may_change(400_000)
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # decay min(ema_decay, (1+n)/(10+n)); for short runs
-    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
-    tf32: bool = True  # TF32 for fp32 matmuls and convolutions on CUDA
-    log_every: int = 10
-    ckpt_every: int = 10_000
-    keep_last: int = 3
-    sample_every: int = 10_000
+    mixed_precision: MixedPrecision = "auto"
+    tf32: bool = _may_change(True)  # TF32 for fp32 matmuls and convolutions on CUDA; speed only
+    log_every: int = _may_change(10)
+    ckpt_every: int = _may_change(10_000)
+    keep_last: int = _may_change(3)
+    sample_every: int = _may_change(10_000)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require_positive("steps", "log_every", "ckpt_every", "keep_last", "sample_every")
+        self.require_range("ema_decay", 0.0, True, 1.0)
 
 
 @dataclass
-class SampleConfig:
-    sampler: str = "ddim"  # ddim | ddpm
+class SampleConfig(Section):
+    sampler: Sampler = "ddim"
     steps: int = 50
     cfg_scale: float = 1.5
     grid_classes: list[int] = field(default_factory=list)  # empty: spread over all classes
     grid_rows: int = 4
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require_positive("steps")
+
 
 @dataclass
-class DiscConfig:
+class DiscConfig(Section):
     """The adversary of any adversarial objective (discriminator or structure encoder)."""
 
     base_channels: int = 64
@@ -119,29 +221,51 @@ class DiscConfig:
     beta2: float = 0.9
     weight_decay: float = 0.0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require_positive("base_channels", "num_blocks")
+        _check_adam(self)
+
+
+# SADM's choices; trainer/sadm.py implements each (and reads these with typing.get_args).
+SADMAffinity = Literal["cosine", "gaussian", "softmax"]
+SADMDistance = Literal["l1", "l2", "kl"]  # kl compares rows as distributions: needs softmax
+SADMWeighting = Literal["none", "snr", "range"]
+
 
 @dataclass
-class SADMConfig:
+class SADMConfig(Section):
     """Structure-guided adversarial training; every default here is a reconstruction [INFERRED]."""
 
     lambda_: float = 0.1  # weight of the structural distance in the denoiser's loss
-    affinity: str = "cosine"  # cosine | gaussian | softmax
+    affinity: SADMAffinity = "cosine"
     tau: float = 0.5  # Gaussian bandwidth / softmax temperature
-    distance: str = "l1"  # l1 | l2 | kl (kl needs affinity=softmax)
+    distance: SADMDistance = "l1"
     feature_dim: int = 128
     t_conditioned: bool = False
-    weighting: str = "snr"  # none | snr | range
+    weighting: SADMWeighting = "snr"
     t_max: int = 1000  # with weighting=range: the structure term uses samples with t <= t_max
     warmup_steps: int = 0  # lambda is 0 before this step
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require_positive("feature_dim")
+        if self.distance == "kl" and self.affinity != "softmax":
+            raise ConfigError("config key 'sadm.distance' = 'kl' needs sadm.affinity=softmax "
+                              "(row distributions)")
+
+
+TimestepDistribution = Literal["priority", "uniform"]
+DDGANParameterization = Literal["x0", "eps"]
+
 
 @dataclass
-class DiffusionGANConfig:
+class DiffusionGANConfig(Section):
     weight: float = 0.1  # weight of the generator loss in the denoiser's loss [INFERRED]
     t_min: int = 10
     t_max: int = 1000
     noise_std: float = 0.5  # latents have std ~1; 0.05 is the paper's value for pixels
-    ts_dist: str = "priority"  # priority | uniform
+    ts_dist: TimestepDistribution = "priority"
     clean_fraction: float = 0.5
     target: float = 0.6
     ada_interval: int = 4
@@ -149,24 +273,35 @@ class DiffusionGANConfig:
     r1_gamma: float = 0.05
     r1_interval: int = 16
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require_positive("r1_interval")
+
 
 @dataclass
-class DDGANConfig:
+class DDGANConfig(Section):
     num_steps: int = 4
     beta_min: float = 0.1
     beta_max: float = 20.0
     z_dim: int = 100
     # x0: the DiT's first C output channels are x0' (DDGAN's own choice, well conditioned at every
     # level); eps: read them as eps, as a pretrained DiT does (for fine-tuning) [INFERRED].
-    parameterization: str = "x0"
+    parameterization: DDGANParameterization = "x0"
     r1_gamma: float = 0.02
     r1_interval: int = 1
     mse_weight: float = 0.0  # optional denoising regulariser on x0', not in DDGAN [INFERRED]
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require_positive("num_steps", "z_dim", "r1_interval")
+
 
 @dataclass
-class EvalConfig:
-    """FID of the EMA weights during training (trainer/evaluate.py); sampled with ``sample.*``."""
+class EvalConfig(Section):
+    """FID of the EMA weights during training (trainer/evaluate.py); sampled with ``sample.*``.
+
+    Evaluation only reads the weights, so every key may change on resume (and checkpoints made
+    before this section lack its keys)."""
 
     fid_every: int = 0  # steps between FID measurements; 0: never
     fid_samples: int = 5000  # logged as fid5k
@@ -179,9 +314,23 @@ class EvalConfig:
     batch_size: int = 64  # per process, for sampling and features
     cache_dir: str = "~/.cache/advdit/fid"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require_positive("batch_size")
+        for attribute in ("fid_every", "final_fid_samples"):
+            if getattr(self, attribute) < 0:
+                raise ConfigError(f"config key {self.key(attribute)!r} must be >= 0 (0 turns it off)")
+        if (self.fid_every or self.final_fid_samples) and not self.reference:
+            raise ConfigError("FID during training (eval.fid_every / eval.final_fid_samples) needs "
+                              "eval.reference: an ADM reference batch .npz, a statistics .npz or shards")
+        if self.fid_every and self.fid_samples < 2:
+            raise ConfigError("config key 'eval.fid_samples' must be >= 2 (a covariance needs 2 images)")
+
 
 @dataclass
-class TrackingConfig:
+class TrackingConfig(Section):
+    """MLflow; where and how a run is recorded, so every key may change on resume."""
+
     enabled: bool = True
     # null: a sqlite store inside the run's output folder, unless MLFLOW_TRACKING_URI is set.
     uri: str | None = None
@@ -190,9 +339,13 @@ class TrackingConfig:
     # sends what is still missing); short enough to fit Slurm's KillWait after SIGTERM.
     flush_seconds: float = 15.0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require_range("flush_seconds", 0.0, True)
+
 
 @dataclass
-class Config:
+class Config(Section):
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -201,36 +354,43 @@ class Config:
     vae: str = "none"
     optim: OptimConfig = field(default_factory=OptimConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    # dit | sadm | diffusion_gan | ddgan: what one training step optimises.
-    objective: str = "dit"
+    objective: Objective = "dit"
     disc: DiscConfig = field(default_factory=DiscConfig)
     sadm: SADMConfig = field(default_factory=SADMConfig)
     diffusion_gan: DiffusionGANConfig = field(default_factory=DiffusionGANConfig)
     ddgan: DDGANConfig = field(default_factory=DDGANConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=MAY_CHANGE_ON_RESUME)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=MAY_CHANGE_ON_RESUME)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bad_classes = [c for c in self.sample.grid_classes if not 0 <= c < self.model.num_classes]
+        if bad_classes:
+            raise ConfigError(
+                f"config key 'sample.grid_classes' has labels {bad_classes} outside "
+                f"[0, {self.model.num_classes}) (model.num_classes)"
+            )
 
 
-OBJECTIVES = ("dit", "sadm", "diffusion_gan", "ddgan")
 # Sections that only one objective reads (and disc, which every adversarial objective reads).
 METHOD_SECTIONS = {"sadm": ("sadm",), "diffusion_gan": ("diffusion_gan",), "ddgan": ("ddgan",),
                    "disc": ("sadm", "diffusion_gan", "ddgan")}
 
-CHOICES = {
-    "objective": OBJECTIVES,
-    "distributed.strategy": ("ddp", "zero2", "zero3"),
-    "model.attention": ("auto", "xformers", "sdpa", "math"),
-    "model.compile": ("none", "blocks", "model"),
-    "sadm.affinity": ("cosine", "gaussian", "softmax"),
-    "sadm.distance": ("l1", "l2", "kl"),
-    "sadm.weighting": ("none", "snr", "range"),
-    "diffusion_gan.ts_dist": ("priority", "uniform"),
-    "ddgan.parameterization": ("x0", "eps"),
-    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "sample.sampler": ("ddim", "ddpm"),
-}
+
+# ---------------------------------------------------------------------- checking values
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+@functools.cache
+def _section_names() -> dict[type, str]:
+    """Each section class and its key in the config, e.g. OptimConfig -> "optim"."""
+    hints = _hints(Config)
+    return {hints[f.name]: key_name(f.name) for f in dataclasses.fields(Config)
+            if dataclasses.is_dataclass(hints[f.name])}
 
 
 def _type_name(tp: Any) -> str:
@@ -240,6 +400,11 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key {key!r} must be one of {choices}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
@@ -275,23 +440,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _unknown_key(key: str, valid: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
-    return ConfigError(f"unknown config key {key!r}{hint}")
+def _check_finite_and_printable(key: str, value: Any) -> None:
+    """Every float is finite, and no string holds a control character (a newline in a run name
+    would end a line of a rendered job script)."""
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"config key {key!r} must be a finite number, got {item!r}")
+        if isinstance(item, str) and (bad := control_character(item)):
+            raise ConfigError(f"config key {key!r} holds the control character {bad!r}; "
+                              "names and paths must be printable text")
 
 
+def control_character(text: str) -> str | None:
+    """The first control character of ``text`` (newline, carriage return, tab, escape, ...)."""
+    return next((char for char in text if unicodedata.category(char) == "Cc"), None)
+
+
+# ---------------------------------------------------------------------- keys and forms
 def key_name(field_name: str) -> str:
     """The config key of a dataclass field: ``lambda_`` (a Python keyword) is written ``lambda``."""
     return field_name.rstrip("_")
-
-
-def get_value(cfg: Config, key: str) -> Any:
-    """The value at a dotted key, e.g. ``get_value(cfg, "sadm.lambda")``."""
-    node: Any = cfg
-    for part in key.split("."):
-        node = getattr(node, part if hasattr(node, part) else part + "_")
-    return node
 
 
 def to_dict(node: Any) -> dict[str, Any]:
@@ -335,126 +503,63 @@ def all_keys(cfg: Config) -> list[str]:
     return list(flatten(cfg))
 
 
-def _merge(node: Any, updates: dict[str, Any], prefix: str, valid: list[str], set_keys: set[str]) -> None:
-    if not isinstance(updates, dict):
-        raise ConfigError(f"config section {prefix.rstrip('.')!r} must be a mapping, got {updates!r}")
-    hints = typing.get_type_hints(type(node))
-    fields = {key_name(f.name): f.name for f in dataclasses.fields(node)}
-    for name, value in updates.items():
-        key = f"{prefix}{name}"
-        if name not in fields:
-            raise _unknown_key(key, valid)
-        attribute = fields[name]
-        current = getattr(node, attribute)
-        if dataclasses.is_dataclass(current):
-            _merge(current, value, f"{key}.", valid, set_keys)
-        else:
-            setattr(node, attribute, _coerce(value, hints[attribute], key))
-            set_keys.add(key)
+@functools.cache
+def resume_changeable_keys() -> frozenset[str]:
+    """The keys that may differ between a checkpoint's config and the resuming run's: fields (or
+    whole sections) marked with :data:`MAY_CHANGE_ON_RESUME`."""
+    keys = set()
+    hints = _hints(Config)
+    for f in dataclasses.fields(Config):
+        section, whole = hints[f.name], f.metadata == MAY_CHANGE_ON_RESUME
+        if not dataclasses.is_dataclass(section):
+            keys.update([key_name(f.name)] if whole else [])
+            continue
+        keys.update(f"{key_name(f.name)}.{key_name(g.name)}" for g in dataclasses.fields(section)
+                    if whole or g.metadata == MAY_CHANGE_ON_RESUME)
+    return frozenset(keys)
 
 
-def _nest(dotted: str, value: Any) -> dict[str, Any]:
-    head, _, rest = dotted.partition(".")
-    return {head: _nest(rest, value) if rest else value}
+# ---------------------------------------------------------------------- config files and presets
+PRESETS = "advdit.configs"  # configs/ of the repository, shipped as package data
+INCLUDE = "include"  # a file's list of config files merged before its own keys
+ConfigFiles = str | Path | Sequence[str | Path] | None
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"train.steps=200"`` -> ("train.steps", 200); the value is read as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.steps=200)")
+def package_folder(package: str) -> Path:
+    """The folder of one of advdit's packages of data (``advdit.configs``, ``advdit.slurm``)."""
     try:
-        return key.strip(), yaml.safe_load(raw)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({err})") from err
+        # advdit is installed unpacked (never as a zip), so its data are files on disk.
+        return Path(str(importlib.resources.files(package)))
+    except ModuleNotFoundError as err:  # an editable install made before the package existed
+        raise ConfigError(f"advdit's package {package} is not installed; reinstall advdit (make, or "
+                          "pip install -e . in its checkout)") from err
 
 
-def _check_method_keys(cfg: Config, set_keys: set[str]) -> None:
-    """A key of a section that the chosen objective does not read is a mistake, not a no-op."""
-    for key in sorted(set_keys):
-        owners = METHOD_SECTIONS.get(key.split(".")[0])
-        if owners and cfg.objective not in owners:
-            which = f"objective {owners[0]!r}" if len(owners) == 1 else "the adversarial objectives"
-            raise ConfigError(
-                f"config key {key!r} belongs to {which}, but objective is {cfg.objective!r}; "
-                f"remove it or set objective={owners[0]}"
-            )
+def preset_root() -> Path:
+    """The folder of the presets shipped with advdit."""
+    return package_folder(PRESETS)
 
 
-# Ranges of the optimisers' values, checked before anything is built or written: an lr of NaN or
-# inf would otherwise train (and checkpoint) non-finite weights.
-RANGES = {
-    "optim.lr": (0.0, False, None), "disc.lr": (0.0, False, None),
-    "optim.weight_decay": (0.0, True, None), "disc.weight_decay": (0.0, True, None),
-    "optim.beta1": (0.0, True, 1.0), "optim.beta2": (0.0, True, 1.0),
-    "disc.beta1": (0.0, True, 1.0), "disc.beta2": (0.0, True, 1.0),
-    "optim.grad_clip": (0.0, True, None), "optim.warmup_steps": (0, True, None),
-    "tracking.flush_seconds": (0.0, True, None),
-}
+def preset_names() -> list[str]:
+    """Every preset, named as ``--config`` takes it: ``demo``, ``imagenet/base``, ``methods/sadm``."""
+    root = preset_root()
+    return sorted(path.relative_to(root).with_suffix("").as_posix() for path in root.rglob("*.yaml"))
 
 
-def _check_range(key: str, value: float, low: float, inclusive: bool, high: float | None) -> None:
-    above = value >= low if inclusive else value > low
-    if not (above and (high is None or value < high)):
-        bounds = f"{'[' if inclusive else '('}{low}, {high if high is not None else 'inf'})"
-        raise ConfigError(f"config key {key!r} must be in {bounds}, got {value!r}")
-
-
-def _check_values(cfg: Config) -> None:
-    """Every float is finite, no string holds a control character (a newline in a run name would
-    end a line of a rendered job script), and the optimisers' values are in range."""
-    for key, value in flatten(cfg).items():
-        values = value if isinstance(value, list) else [value]
-        for item in values:
-            if isinstance(item, float) and not math.isfinite(item):
-                raise ConfigError(f"config key {key!r} must be a finite number, got {item!r}")
-            if isinstance(item, str) and (bad := control_character(item)):
-                raise ConfigError(f"config key {key!r} holds the control character {bad!r}; "
-                                  "names and paths must be printable text")
-    for key, bounds in RANGES.items():
-        _check_range(key, get_value(cfg, key), *bounds)
-
-
-def control_character(text: str) -> str | None:
-    """The first control character of ``text`` (newline, carriage return, tab, escape, ...)."""
-    return next((char for char in text if unicodedata.category(char) == "Cc"), None)
-
-
-def _validate(cfg: Config, set_keys: set[str]) -> None:
-    _check_values(cfg)
-    for key, choices in CHOICES.items():
-        value = get_value(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"config key {key!r} must be one of {choices}, got {value!r}")
-    positive = ["data.batch_size", "data.image_size", "train.steps", "train.log_every",
-                "train.ckpt_every", "train.keep_last", "train.sample_every", "sample.steps",
-                "diffusion.steps", "model.num_classes", "ddgan.num_steps", "ddgan.z_dim",
-                "ddgan.r1_interval", "diffusion_gan.r1_interval", "disc.base_channels",
-                "disc.num_blocks", "sadm.feature_dim", "eval.batch_size"]
-    for key in positive:
-        if get_value(cfg, key) <= 0:
-            raise ConfigError(f"config key {key!r} must be positive")
-    if not 0.0 <= cfg.model.class_dropout < 1.0:
-        raise ConfigError("config key 'model.class_dropout' must be in [0, 1)")
-    if not 0.0 <= cfg.train.ema_decay < 1.0:
-        raise ConfigError("config key 'train.ema_decay' must be in [0, 1)")
-    for key in ("eval.fid_every", "eval.final_fid_samples"):
-        if get_value(cfg, key) < 0:
-            raise ConfigError(f"config key {key!r} must be >= 0 (0 turns it off)")
-    if (cfg.eval.fid_every or cfg.eval.final_fid_samples) and not cfg.eval.reference:
-        raise ConfigError("FID during training (eval.fid_every / eval.final_fid_samples) needs "
-                          "eval.reference: an ADM reference batch .npz, a statistics .npz or shards")
-    if cfg.eval.fid_every and cfg.eval.fid_samples < 2:
-        raise ConfigError("config key 'eval.fid_samples' must be >= 2 (a covariance needs 2 images)")
-    if cfg.sadm.distance == "kl" and cfg.sadm.affinity != "softmax":
-        raise ConfigError("config key 'sadm.distance' = 'kl' needs sadm.affinity=softmax (row distributions)")
-    bad_classes = [c for c in cfg.sample.grid_classes if not 0 <= c < cfg.model.num_classes]
-    if bad_classes:
-        raise ConfigError(
-            f"config key 'sample.grid_classes' has labels {bad_classes} outside "
-            f"[0, {cfg.model.num_classes}) (model.num_classes)"
-        )
-    _check_method_keys(cfg, set_keys)
+def find_config(ref: str | Path, folder: Path | None = None) -> Path:
+    """The config file ``ref``: a path relative to ``folder`` (by default the current folder), or
+    else a preset of advdit; a name without a suffix also stands for ``name.yaml`` (``imagenet/base``)."""
+    name = Path(ref)
+    names = [name] if name.suffix else [name, name.with_suffix(".yaml")]
+    candidates = [(folder or Path()) / path for path in names]
+    if not name.is_absolute() and ".." not in name.parts:
+        candidates.append(preset_root() / names[-1])
+    for path in candidates:
+        if path.is_file():
+            return path
+    where = "the current folder" if folder is None else str(folder)
+    raise ConfigError(f"config file {str(ref)!r} does not exist in {where}, and advdit has no preset of "
+                      f"that name (presets: {', '.join(preset_names())})")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -474,31 +579,121 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: dict[str, Any] | None = None) -> Config:
-    """Defaults, then ``base`` (a nested dict, e.g. a checkpoint's recorded config), then the YAML
-    file at ``path``, then each ``key=value`` override, validated."""
-    cfg = Config()
-    valid = all_keys(cfg)
+def config_layers(ref: str | Path, folder: Path | None = None,
+                  chain: tuple[Path, ...] = ()) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """The file ``ref`` and the files it includes, as (path, mapping) in the order they apply:
+    each included file (after its own includes, relative to the including file's folder), then
+    the file itself. ``chain`` holds the including files, to refuse a cycle."""
+    path = find_config(ref, folder)
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: includes itself ({' -> '.join(map(str, (*chain, path.resolve())))})")
+    data = read_yaml(path)
+    includes = data.pop(INCLUDE, [])
+    includes = [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, list) or not all(isinstance(item, str) for item in includes):
+        raise ConfigError(f"{path}: '{INCLUDE}' expects a config file or preset name, or a list of them, "
+                          f"got {includes!r}")
+    for item in includes:
+        yield from config_layers(item, path.parent, (*chain, path.resolve()))
+    yield path, data
+
+
+def _merge(schema: type, target: dict[str, Any], updates: Any, prefix: str, valid: list[str],
+           set_keys: set[str]) -> None:
+    """Merge the nested mapping ``updates`` into ``target``, refusing keys ``schema`` lacks."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.')!r} must be a mapping, got {updates!r}")
+    hints = _hints(schema)
+    fields = {key_name(f.name): f.name for f in dataclasses.fields(schema)}
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise _unknown_key(key, valid)
+        if dataclasses.is_dataclass(hints[fields[name]]):
+            _merge(hints[fields[name]], target.setdefault(name, {}), value, f"{key}.", valid, set_keys)
+        else:
+            target[name] = value
+            set_keys.add(key)
+
+
+def _build(schema: type, values: dict[str, Any]) -> Any:
+    """An instance of ``schema`` from merged values; each section checks itself as it is built."""
+    hints = _hints(schema)
+    kwargs = {}
+    for f in dataclasses.fields(schema):
+        if (name := key_name(f.name)) in values:
+            tp = hints[f.name]
+            kwargs[f.name] = _build(tp, values[name]) if dataclasses.is_dataclass(tp) else values[name]
+    return schema(**kwargs)
+
+
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    head, _, rest = dotted.partition(".")
+    return {head: _nest(rest, value) if rest else value}
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.steps=200"`` -> ("train.steps", 200); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.steps=200)")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({err})") from err
+
+
+def _override(values: dict[str, Any], text: str, valid: list[str], set_keys: set[str]) -> None:
+    key, value = parse_override(text)
+    section_keys = [k for k in valid if k.startswith(key + ".")]
+    if section_keys:
+        raise ConfigError(f"config key {key!r} is a section; set one of its keys, e.g. "
+                          f"{section_keys[0]}=...")
+    if key not in valid:
+        raise _unknown_key(key, valid)
+    _merge(Config, values, _nest(key, value), "", valid, set_keys)
+
+
+def _check_method_keys(cfg: Config, set_keys: set[str]) -> None:
+    """A key of a section that the chosen objective does not read is a mistake, not a no-op."""
+    for key in sorted(set_keys):
+        owners = METHOD_SECTIONS.get(key.split(".")[0])
+        if owners and cfg.objective not in owners:
+            which = f"objective {owners[0]!r}" if len(owners) == 1 else "the adversarial objectives"
+            raise ConfigError(
+                f"config key {key!r} belongs to {which}, but objective is {cfg.objective!r}; "
+                f"remove it or set objective={owners[0]}"
+            )
+
+
+def load_config(configs: ConfigFiles = None, overrides: Sequence[str] = (),
+                base: dict[str, Any] | None = None, folder: Path | None = None) -> Config:
+    """Defaults, then ``base`` (a nested dict, e.g. a checkpoint's recorded config), then each
+    config file of ``configs`` in order (paths relative to ``folder``, or preset names; see
+    :func:`find_config`), each after the files it includes, then each ``key=value`` override;
+    validated as the config is built."""
+    valid = all_keys(Config())
+    values: dict[str, Any] = {}
     set_keys: set[str] = set()
     if base:
         # A recorded config holds every key, also of other objectives' sections: not "set" by a user.
-        _merge(cfg, base, "", valid, set())
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        _merge(cfg, read_yaml(path), "", valid, set_keys)
+        _merge(Config, values, base, "", valid, set())
+    for ref in [configs] if isinstance(configs, (str, Path)) else configs or []:
+        for path, data in config_layers(ref, folder):
+            try:
+                _merge(Config, values, data, "", valid, set_keys)
+            except ConfigError as err:
+                raise ConfigError(f"{path}: {err}") from err
     for text in overrides:
-        key, value = parse_override(text)
-        section_keys = [k for k in valid if k.startswith(key + ".")]
-        if section_keys:
-            raise ConfigError(f"config key {key!r} is a section; set one of its keys, e.g. "
-                              f"{section_keys[0]}=...")
-        if key not in valid:
-            raise _unknown_key(key, valid)
-        _merge(cfg, _nest(key, value), "", valid, set_keys)
-    _validate(cfg, set_keys)
+        _override(values, text, valid, set_keys)
+    cfg = _build(Config, values)
+    _check_method_keys(cfg, set_keys)
     return cfg
 
 

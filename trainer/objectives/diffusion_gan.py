@@ -21,7 +21,7 @@ docs/methods.md: Diffusion-GAN); the sign statistic is all-reduced here rather t
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -30,13 +30,13 @@ from torch import nn
 
 from ...models.diffusion import DeviceTables
 from ...models.discriminators import TimestepClassDiscriminator
-from ..config import Config
+from ..config import Config, TimestepDistribution
 from ..distributed import initialized
 from .base import ADVERSARY_STREAM, Adversary, Denoiser, Metrics, Objective, StepContext, adversarial_round
 from .dit import denoise, denoising_metrics, diffusion_sampler
 from .gan import DISC_METRICS, discriminator_terms, g_loss_nonsaturating
 
-T_DISTRIBUTIONS = ("priority", "uniform")
+T_DISTRIBUTIONS = get_args(TimestepDistribution)  # the config's choices
 
 
 class AdaStats(NamedTuple):

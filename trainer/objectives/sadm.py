@@ -20,20 +20,24 @@ denoiser's x0 prediction from the noised real, docs/methods.md: SADM). All resul
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from ...models.discriminators import StructureEncoder
-from ..config import Config
+from ..config import Config, SADMAffinity, SADMDistance, SADMWeighting
 from ..distributed import initialized
 from .base import Adversary, Denoiser, Metrics, Objective, StepContext, adversarial_round
 from .dit import Denoised, denoise, denoising_metrics, diffusion_sampler
 
-AFFINITIES = ("cosine", "gaussian", "softmax")
-DISTANCES = ("l1", "l2", "kl")
-WEIGHT_MODES = ("none", "snr", "range")
+# The choices are the config's (its section checks them when a run is configured); these
+# functions also check them when called directly.
+AFFINITIES = get_args(SADMAffinity)
+DISTANCES = get_args(SADMDistance)
+WEIGHT_MODES = get_args(SADMWeighting)
 
 
 def _off_diagonal(n: int, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""The presets of advdit (``--config NAME``), shipped as package data; see docs/configs.md."""

@@ -1,0 +1,1 @@
+"""The sbatch template that ``advdit slurm submit`` renders, shipped as package data."""
