@@ -50,7 +50,13 @@ def add_training_bench_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..trainer.benchmark import DIFFUSERS_STOCK, BenchOptions, Side, format_table, run_benchmark
+    from ..trainer.benchmarks.throughput import (
+        DIFFUSERS_STOCK,
+        BenchOptions,
+        Side,
+        format_table,
+        run_benchmark,
+    )
 
     overrides = ["tracking.enabled=false", *args.overrides]
     sides = [Side("advdit", load_config(args.config, overrides))]

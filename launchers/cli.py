@@ -15,11 +15,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ..trainer.checkpoint import CheckpointError
+from ..trainer.checkpointing.store import CheckpointError
 from ..trainer.config import ConfigError, dump_yaml, load_config
 from ..trainer.data import DataError
-from ..trainer.preemption import PREEMPTED_EXIT_CODE
-from ..trainer.runlock import RunLockedError
+from ..trainer.runtime.preemption import PREEMPTED_EXIT_CODE
+from ..trainer.runtime.runlock import RunLockedError
 from ..trainer.tracking import TrackingError
 from .bench import add_training_bench_parser
 from .data import add_data_parser
@@ -64,7 +64,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ..trainer.export import export_weights
+    from ..trainer.checkpointing.export import export_weights
 
     out = export_weights(args.checkpoint, args.out, args.weights)
     print(f"wrote the {args.weights} weights of {args.checkpoint} to {out}")
@@ -72,7 +72,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _convert_checkpoint(args: argparse.Namespace) -> int:
-    from ..trainer.checkpoint import convert_legacy
+    from ..trainer.checkpointing.store import convert_legacy
 
     for path in args.checkpoints:
         convert_legacy(path)

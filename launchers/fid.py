@@ -1,4 +1,4 @@
-"""``advdit fid``: FID and Inception Score of a sample set (numerics in ``advdit.trainer.fid``).
+"""``advdit fid``: FID and Inception Score of a sample set (numerics in ``advdit.trainer.evaluation.fid``).
 
     advdit fid samples.npz --reference VIRTUAL_imagenet256_labeled.npz \\
         --inception-weights /models/pt_inception-2015-12-05-6726825d.pth
@@ -38,8 +38,8 @@ def add_fid_parser(commands: Any) -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from ..trainer.config import Config
-    from ..trainer.engines import make_accelerator
-    from ..trainer.fid import load_spec, sample_set_fid
+    from ..trainer.evaluation.fid import load_spec, sample_set_fid
+    from ..trainer.runtime.engines import make_accelerator
 
     if (status := relaunch(args.nproc)) is not None:
         return status

@@ -1,5 +1,5 @@
 """``advdit sample``: a sample set from a checkpoint, over all processes (numerics in
-``advdit.trainer.evaluate``).
+``advdit.trainer.evaluation.sampling``).
 
     advdit sample runs/x/checkpoints/step_00400000 --num-samples 50000 --sampler ddpm --steps 250 \\
         --cfg-scale 1.5 --npz samples/dit-xl2-cfg1.5.npz
@@ -43,7 +43,13 @@ def add_sample_parser(commands: Any) -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from ..trainer.config import ConfigError
-    from ..trainer.evaluate import balanced_labels, load_sampler, read_labels, sampling_config, write_samples
+    from ..trainer.evaluation.sampling import (
+        balanced_labels,
+        load_sampler,
+        read_labels,
+        sampling_config,
+        write_samples,
+    )
 
     if (status := relaunch(args.nproc)) is not None:
         return status

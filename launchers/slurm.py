@@ -4,7 +4,7 @@
 ``slurm/train.sbatch`` and hands it to ``sbatch`` (``--dry-run`` prints it instead). The script
 runs one srun task per node, and each task starts its node's processes through ``accelerate
 launch`` with torch's standard launcher; on SIGUSR1 the trainer checkpoints and exits
-(trainer/preemption.py) and the script requeues the job unless the run reached its final step.
+(trainer/runtime/preemption.py) and the script requeues the job unless the run reached its final step.
 Every submission is recorded in ``<output_dir>/slurm/jobs.jsonl``, with its script
 (``<job id>.sbatch``) and log (``<job id>.out``) beside it; ``status`` and ``logs`` read them.
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..trainer.checkpoint import checkpoint_dir
+from ..trainer.checkpointing.store import checkpoint_dir
 from ..trainer.config import Config, ConfigError, control_character, load_config, package_folder
 from .options import add_config_option
 
@@ -114,7 +114,7 @@ def read_config(spec: JobSpec, configs: list[str], overrides: list[str]) -> Conf
 
 
 def final_checkpoint_name(cfg: Config) -> str:
-    # trainer/checkpoint.py names checkpoint folders step_<8 digits>; the last step always saves.
+    # trainer/checkpointing/store.py names checkpoint folders step_<8 digits>; the last step always saves.
     return f"step_{cfg.train.steps:08d}"
 
 
@@ -142,7 +142,7 @@ def _launch_command(spec: JobSpec, cfg: Config, configs: list[str], overrides: l
                 "--mixed_precision", precision, "--dynamo_backend", "no"]
     if total > 1:
         # torch's standard launcher (torchrun) on every node, for every strategy: the trainer sets
-        # up DeepSpeed itself (trainer/engines.py), so accelerate's DeepSpeed launch path, whose
+        # up DeepSpeed itself (trainer/runtime/engines.py), so accelerate's DeepSpeed launch path, whose
         # multi-node default (pdsh) fails under srun, is not needed. On CPU nodes ranks use gloo.
         launcher.append("--multi_gpu")
     rendezvous = ('--machine_rank "$SLURM_NODEID" --main_process_ip "$MASTER_ADDR" '

@@ -1,4 +1,4 @@
-"""``advdit toy``: the 25-Gaussians benchmark (numerics in ``advdit.trainer.toy``).
+"""``advdit toy``: the 25-Gaussians benchmark (numerics in ``advdit.trainer.benchmarks.toy``).
 
     advdit toy --method diffusion_gan
     advdit toy --method all --out runs/toy
@@ -23,7 +23,7 @@ def add_toy_parser(subcommands: Any) -> argparse.ArgumentParser:
                      help="training iterations (default: the method's tuned value)")
     toy.add_argument("--batch-size", type=int, default=None, help="default: the method's tuned value")
     toy.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="settings",
-                     help="change a setting of trainer/toy.py ToySettings, e.g. lr_g=1e-4 r1_gamma=0")
+                     help="change a ToySettings value (trainer/benchmarks/toy.py), e.g. lr_g=1e-4 r1_gamma=0")
     toy.add_argument("--seed", type=int, default=0)
     toy.add_argument("--out", default="runs/toy", help="folder for samples_*.npy, *.png, result_*.json")
     toy.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -34,7 +34,7 @@ def add_toy_parser(subcommands: Any) -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..trainer.toy import METHODS, run_toy
+    from ..trainer.benchmarks.toy import METHODS, run_toy
 
     # Networks this small gain nothing from intra-op threads, and several threads per process
     # slow every step down badly on a shared machine; one thread also makes runs comparable.

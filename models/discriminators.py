@@ -252,7 +252,7 @@ class StructureEncoder(nn.Module):
 class MLP(nn.Sequential):
     """``layers`` hidden layers of ``hidden`` units with LeakyReLU(``negative_slope``), then a linear output.
 
-    The 25-Gaussians benchmark passes its own slope (``trainer/toy.py``, ``ToySettings``).
+    The 25-Gaussians benchmark passes its own slope (``trainer/benchmarks/toy.py``, ``ToySettings``).
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden: int = 128, layers: int = 2,

@@ -18,7 +18,7 @@ import torch
 from advdit.trainer.config import Config, load_config
 from advdit.trainer.data.demo import draw_shape
 from advdit.trainer.data.writer import ShardWriter, encode_png
-from advdit.trainer.fid import ConvFeatureNet, FeatureSpec
+from advdit.trainer.evaluation.fid import ConvFeatureNet, FeatureSpec
 
 TINY_SIZE = 16
 # A feature network for FID tests: a small convnet, randomly initialised.

@@ -111,7 +111,7 @@ def test_encoder_flops_are_those_of_a_real_encode(tiny_vae_dir: Path) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from advdit.models.vae import load_codec
-    from advdit.trainer.benchmark import LatentStandIn, encoder_flops_per_image
+    from advdit.trainer.benchmarks.throughput import LatentStandIn, encoder_flops_per_image
 
     codec = load_codec(str(tiny_vae_dir))
     # The math attention kernel: FlopCounterMode does not count the CPU flash kernel's FLOPs.

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from advdit.launchers.cli import main
-from advdit.trainer.checkpoint import (
+from advdit.trainer.checkpointing.store import (
     EMA_FILE,
     META,
     CheckpointError,
@@ -344,7 +344,7 @@ LOSS_SCALERS = """
 import io, torch
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-from advdit.trainer.checkpoint import weights_only_loads
+from advdit.trainer.checkpointing.store import weights_only_loads
 
 scaler = DynamicLossScaler(init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=1,
                            consecutive_hysteresis=False)

@@ -191,7 +191,7 @@ def test_attention_choices_are_the_backends_of_models_attention() -> None:
 
 
 def test_keys_marked_may_change_are_the_only_ones_a_resume_ignores() -> None:
-    from advdit.trainer.checkpoint import changed_keys
+    from advdit.trainer.checkpointing.store import changed_keys
 
     saved = flatten(load_config(None, ["train.steps=5"]))
     harmless = ["train.steps=9", "run.output_dir=elsewhere", "model.compile=blocks", "eval.fid_every=10",

@@ -22,7 +22,7 @@ from advdit.trainer.data import (
 )
 from advdit.trainer.data.demo import CLASSES, write_demo_shards
 from advdit.trainer.data.tar import ShardError, tar_members
-from advdit.trainer.files import file_sha256
+from advdit.trainer.runtime.files import file_sha256
 
 from helpers import TINY_SIZE, corrupt_copy, tiny_overrides, write_shape_shards
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from advdit.trainer.export import ema_state, export_weights
+from advdit.trainer.checkpointing.export import ema_state, export_weights
 
 from helpers import tiny_overrides
 

@@ -20,7 +20,7 @@ from scipy import linalg
 
 from advdit.launchers.cli import main
 from advdit.trainer.data import iter_records, resolve_shards
-from advdit.trainer.fid import (
+from advdit.trainer.evaluation.fid import (
     INCEPTION_V3_TF,
     WEIGHTS_ENV,
     FeatureSpec,

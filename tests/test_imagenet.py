@@ -16,7 +16,7 @@ from PIL import Image
 from advdit.launchers.data import add_imagenet_parser
 from advdit.trainer.data import DataError, check_manifest, decode_sample, iter_records, resolve_shards
 from advdit.trainer.data.imagenet import adm_center_crop, write_imagenet_shards
-from advdit.trainer.files import file_sha256
+from advdit.trainer.runtime.files import file_sha256
 
 SIZE = 32
 SYNSETS = ("n01000001", "n02000002", "n03000003", "n04000004")

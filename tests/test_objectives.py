@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from advdit.trainer.checkpoint import complete_checkpoints
+from advdit.trainer.checkpointing.store import complete_checkpoints
 from advdit.trainer.loop import Trainer, train
 from advdit.trainer.objectives.base import StepContext
 

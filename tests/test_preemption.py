@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from accelerate import Accelerator
 
-from advdit.trainer.checkpoint import complete_checkpoints, read_meta
+from advdit.trainer.checkpointing.store import complete_checkpoints, read_meta
 from advdit.trainer.loop import train
-from advdit.trainer.preemption import PREEMPTED_EXIT_CODE, PreemptionGuard
+from advdit.trainer.runtime.preemption import PREEMPTED_EXIT_CODE, PreemptionGuard
 
 from helpers import save_tiny_net, tiny_config, tiny_overrides
 

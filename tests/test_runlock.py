@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from advdit.trainer.loop import train
-from advdit.trainer.runlock import LOCK_NAME, RunLock, RunLockedError
+from advdit.trainer.runtime.runlock import LOCK_NAME, RunLock, RunLockedError
 
 from helpers import tiny_config, tiny_overrides
 
@@ -61,7 +61,7 @@ def test_a_killed_holder_leaves_a_lock_that_is_taken_over(tmp_path: Path, tiny_s
 
 HOLD = """
 import sys, time
-from advdit.trainer.runlock import RunLock
+from advdit.trainer.runtime.runlock import RunLock
 lock = RunLock(sys.argv[1])
 lock.acquire()
 print("held", flush=True)

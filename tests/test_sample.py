@@ -15,9 +15,9 @@ from PIL import Image
 
 from advdit.launchers.cli import main
 from advdit.models.diffusion import build_diffusion, randn
-from advdit.trainer.evaluate import balanced_labels, image_rngs, read_labels
-from advdit.trainer.export import export_weights
-from advdit.trainer.fid import FidError
+from advdit.trainer.checkpointing.export import export_weights
+from advdit.trainer.evaluation.fid import FidError
+from advdit.trainer.evaluation.sampling import balanced_labels, image_rngs, read_labels
 from advdit.trainer.loop import train
 from advdit.trainer.objectives.ddgan import DDGANSchedule
 

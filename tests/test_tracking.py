@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from advdit.trainer.loop import train
-from advdit.trainer.preemption import PREEMPTED_EXIT_CODE
+from advdit.trainer.runtime.preemption import PREEMPTED_EXIT_CODE
 from advdit.trainer.tracking import TrackingError
 
 from helpers import free_port, stop_process, tiny_config, tiny_overrides, wait_healthy

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from advdit.trainer.checkpoint import CheckpointError, complete_checkpoints
+from advdit.trainer.checkpointing.store import CheckpointError, complete_checkpoints
 from advdit.trainer.loop import train
 
 from helpers import corrupt_copy, tiny_config

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from advdit.trainer.checkpoint import Checkpointed, CheckpointError, TrainState, save_checkpoint
+from advdit.trainer.checkpointing.store import Checkpointed, CheckpointError, TrainState, save_checkpoint
 from advdit.trainer.ema import EMA
 
 

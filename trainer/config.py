@@ -84,7 +84,7 @@ Objective = Literal["dit", "sadm", "diffusion_gan", "ddgan"]
 AttentionBackend = Literal[BACKENDS]
 # torch.compile: none | blocks (each DiT block) | model (the whole denoiser; fastest on CPU)
 CompileMode = Literal["none", "blocks", "model"]
-# DeepSpeed ZeRO through accelerate (trainer/engines.py)
+# DeepSpeed ZeRO through accelerate (trainer/runtime/engines.py)
 Strategy = Literal["ddp", "zero2", "zero3"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Sampler = Literal["ddim", "ddpm"]
@@ -298,7 +298,7 @@ class DDGANConfig(Section):
 
 @dataclass
 class EvalConfig(Section):
-    """FID of the EMA weights during training (trainer/evaluate.py); sampled with ``sample.*``.
+    """FID of the EMA weights during training (trainer/evaluation/sampling.py); sampled with ``sample.*``.
 
     Evaluation only reads the weights, so every key may change on resume (and checkpoints made
     before this section lack its keys)."""

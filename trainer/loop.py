@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from ..models.vae import load_codec
-from .checkpoint import (
+from .checkpointing.store import (
     Checkpointed,
     Checkpointer,
     CheckpointError,
@@ -31,11 +31,9 @@ from .checkpoint import (
 )
 from .config import Config, config_hash, dump_yaml, flatten
 from .data import StreamSpec, build_loader, check_manifest, next_batch, normalize_images, resolve_shards
-from .distributed import all_ranks, from_main
 from .ema import EMA
-from .engines import make_accelerator
-from .evaluate import EvaluationInterrupted, GridWriter, Sampler, TrainingFID
-from .fid import metric_name
+from .evaluation.fid import metric_name
+from .evaluation.sampling import EvaluationInterrupted, GridWriter, Sampler, TrainingFID
 from .objectives import build_denoiser, objective_class
 from .objectives.base import (
     VAE_STREAM,
@@ -46,8 +44,10 @@ from .objectives.base import (
     diffusion_of,
     step_rng,
 )
-from .preemption import PreemptionGuard
-from .runlock import RunLock, RunLockedError
+from .runtime.distributed import all_ranks, from_main
+from .runtime.engines import make_accelerator
+from .runtime.preemption import PreemptionGuard
+from .runtime.runlock import RunLock, RunLockedError
 from .tracking import (
     BackgroundTracker,
     JsonLines,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .files import write_text_atomic
+from .runtime.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ import PIL
 from PIL import Image
 from tqdm import tqdm
 
-from ..files import write_json_atomic
+from ..runtime.files import write_json_atomic
 from .decode import IMAGE_KEYS
 from .errors import DataError
 from .manifest import write_manifest_file

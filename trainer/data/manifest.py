@@ -10,7 +10,7 @@ from typing import Any
 
 import braceexpand
 
-from ..files import write_json_atomic
+from ..runtime.files import write_json_atomic
 from .errors import DataError
 
 MANIFEST = "manifest.json"

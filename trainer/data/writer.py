@@ -18,7 +18,7 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
-from ..files import file_sha256
+from ..runtime.files import file_sha256
 from .manifest import write_manifest_file
 
 

@@ -24,8 +24,8 @@ from torch import nn
 
 from ...models.diffusion import GaussianDiffusion, Generators, build_diffusion
 from ..config import Config, DiscConfig
-from ..engines import global_grad_norm, prepare_adversary
-from ..seeding import seeded_rng
+from ..runtime.engines import global_grad_norm, prepare_adversary
+from ..runtime.seeding import seeded_rng
 
 # Independent random streams of one step, so adding draws to one never shifts another.
 OBJECTIVE_STREAM, VAE_STREAM, ADVERSARY_STREAM, SHARED_STREAM = 0, 1, 2, 3

@@ -31,7 +31,7 @@ from torch import nn
 from ...models.diffusion import DeviceTables
 from ...models.discriminators import TimestepClassDiscriminator
 from ..config import Config, TimestepDistribution
-from ..distributed import initialized
+from ..runtime.distributed import initialized
 from .base import ADVERSARY_STREAM, Adversary, Denoiser, Metrics, Objective, StepContext, adversarial_round
 from .dit import denoise, denoising_metrics, diffusion_sampler
 from .gan import DISC_METRICS, discriminator_terms, g_loss_nonsaturating

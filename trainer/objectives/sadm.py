@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ...models.discriminators import StructureEncoder
 from ..config import Config, SADMAffinity, SADMDistance, SADMWeighting
-from ..distributed import initialized
+from ..runtime.distributed import initialized
 from .base import Adversary, Denoiser, Metrics, Objective, StepContext, adversarial_round
 from .dit import Denoised, denoise, denoising_metrics, diffusion_sampler
 

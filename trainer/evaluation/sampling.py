@@ -29,13 +29,16 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from ..models.diffusion import Generators
-from ..models.vae import PixelCodec, SDVAECodec, load_codec
-from .checkpoint import META, CheckpointError, read_meta
-from .config import Config, ConfigError, load_config, unflatten
-from .distributed import initialized, world
-from .engines import make_accelerator
-from .export import ema_state, raw_state
+from ...models.diffusion import Generators
+from ...models.vae import PixelCodec, SDVAECodec, load_codec
+from ..checkpointing.export import ema_state, raw_state
+from ..checkpointing.store import META, CheckpointError, read_meta
+from ..config import Config, ConfigError, load_config, unflatten
+from ..objectives import build_denoiser, objective_class
+from ..objectives.base import LatentSampler
+from ..runtime.distributed import initialized, world
+from ..runtime.engines import make_accelerator
+from ..runtime.seeding import seeded_rng
 from .fid import (
     IS_SPLIT_SIZE,
     FeatureStats,
@@ -50,9 +53,6 @@ from .fid import (
     score,
     write_npz_images,
 )
-from .objectives import build_denoiser, objective_class
-from .objectives.base import LatentSampler
-from .seeding import seeded_rng
 
 logger = logging.getLogger(__name__)
 

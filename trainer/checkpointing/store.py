@@ -46,10 +46,10 @@ from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import resume_changeable_keys
-from .distributed import all_ranks, from_main, merged, world
-from .ema import EMA
-from .files import file_sha256, write_json_atomic, write_text_atomic
+from ..config import resume_changeable_keys
+from ..ema import EMA
+from ..runtime.distributed import all_ranks, from_main, merged, world
+from ..runtime.files import file_sha256, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 

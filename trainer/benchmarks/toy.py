@@ -33,19 +33,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..models.discriminators import (
+from ...models.discriminators import (
     MLP,
     ToyDDGANGenerator,
     ToyGenerator,
     ToyPairDiscriminator,
     ToyTimeDiscriminator,
 )
-from .config import ConfigError
-from .ema import EMA
-from .objectives import ddgan, diffusion_gan
-from .objectives.base import Terms, adversarial_round, check_finite, frozen_parameters
-from .objectives.gan import d_loss_nonsaturating, g_loss_nonsaturating
-from .seeding import seed_of, seeded_rng
+from ..config import ConfigError
+from ..ema import EMA
+from ..objectives import ddgan, diffusion_gan
+from ..objectives.base import Terms, adversarial_round, check_finite, frozen_parameters
+from ..objectives.gan import d_loss_nonsaturating, g_loss_nonsaturating
+from ..runtime.seeding import seed_of, seeded_rng
 
 METHODS = ("gan", "diffusion_gan", "ddgan")
 GRID = (-4.0, -2.0, 0.0, 2.0, 4.0)

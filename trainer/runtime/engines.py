@@ -29,7 +29,7 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import DeepSpeedPlugin, DistributedType
 from torch import nn
 
-from .config import Config
+from ..config import Config
 
 ZERO_STAGES = {"zero2": 2, "zero3": 3}
 DENOISER, ADVERSARY = "denoiser", "adversary"

@@ -31,13 +31,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..models.attention import resolve_backend
-from ..models.dit import resolve_size
-from ..models.vae import PixelCodec, SDVAECodec, load_codec, random_sd_vae_codec
-from .config import Config, ConfigError
-from .engines import mixed_precision
-from .loop import Trainer, configure_tf32, peak_memory_gb
-from .objectives import build_denoiser
+from ...models.attention import resolve_backend
+from ...models.dit import resolve_size
+from ...models.vae import PixelCodec, SDVAECodec, load_codec, random_sd_vae_codec
+from ..config import Config, ConfigError
+from ..loop import Trainer, configure_tf32, peak_memory_gb
+from ..objectives import build_denoiser
+from ..runtime.engines import mixed_precision
 
 # Dense (no sparsity) peaks from NVIDIA's data sheets, in TFLOP/s, by a part of the name torch
 # reports ("NVIDIA H100 80GB HBM3" is the SXM part). Other devices use the measured matmul.

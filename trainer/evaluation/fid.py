@@ -40,8 +40,8 @@ from scipy import linalg
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .data import DataError, check_manifest, decode_sample, iter_records, resolve_shards
-from .distributed import world
+from ..data import DataError, check_manifest, decode_sample, iter_records, resolve_shards
+from ..runtime.distributed import world
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import (
+from .store import (
     EMA_FILE,
     META,
     CheckpointError,

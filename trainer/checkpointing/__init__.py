@@ -1,0 +1,1 @@
+"""Checkpoints: the store (save, verify, resume, convert) and export of weights."""

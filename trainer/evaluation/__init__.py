@@ -1,0 +1,1 @@
+"""Evaluation: sampling (grids, sample sets, the sampler of a checkpoint) and FID."""
