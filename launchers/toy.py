@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..trainer.config import ConfigError
+from ..trainer.config import ConfigError, parse_override
 
 METHOD_CHOICES = ("gan", "diffusion_gan", "ddgan", "all")
 
@@ -52,27 +52,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """``--set`` pairs plus the two flags."""
+    """``--set`` pairs (values read as YAML, as config overrides are) plus the two flags."""
     overrides: dict[str, Any] = {}
     for pair in args.settings:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
+        if "=" not in pair or pair.startswith("="):
             raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
-        overrides[key] = _number_or_text(value)
+        key, value = parse_override(pair)
+        overrides[key] = value
     for key in ("iterations", "batch_size"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     return overrides
-
-
-def _number_or_text(text: str) -> int | float | str:
-    # Not YAML: PyYAML reads 1e-4 as a string.
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _line(result: dict[str, Any]) -> str:

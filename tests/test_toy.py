@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from advdit.launchers.cli import main
-from advdit.trainer import toy
+from advdit.trainer.benchmarks import toy
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -147,9 +147,15 @@ def test_set_changes_settings_and_bad_settings_are_named(tmp_path: Path,
     assert settings["lr_d"] == toy.DEFAULTS["gan"].lr_d
     capsys.readouterr()
     assert main(["toy", "--method", "gan", "--set", "learning_rate=1e-4", "--out", str(tmp_path)]) == 2
-    assert "unknown toy setting 'learning_rate'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="'hidden' must be a int"):
+    assert "unknown config key 'learning_rate'; valid keys: ada_kimg," in capsys.readouterr().err
+    with pytest.raises(ValueError, match="'hidden' expects int, got float 1.5"):
         toy.toy_settings("gan", {"hidden": 1.5})
     assert main(["toy", "--set", "lr_g", "--out", str(tmp_path)]) == 2
     assert "--set expects KEY=VALUE, got 'lr_g'" in capsys.readouterr().err
     assert toy.toy_settings("ddgan", {"lr_g": 1}).lr_g == 1.0
+    # The config's own checks: types (ints taken for floats), finite values, each section's rules.
+    assert toy.toy_settings("gan", ["lr_g=3e-4", "time_encoding=sinusoidal"]).lr_g == 3e-4
+    with pytest.raises(ValueError, match="'lr_d' .*nan"):
+        toy.toy_settings("gan", {"lr_d": float("nan")})
+    with pytest.raises(ValueError, match="'iterations' must be positive"):
+        toy.toy_settings("gan", {"iterations": 0})

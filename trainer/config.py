@@ -34,6 +34,9 @@ class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the config."""
 
 
+SectionT = typing.TypeVar("SectionT", bound="Section")
+
+
 # A field with this metadata (or every field of a section with it) may differ between a
 # checkpoint's config and the resuming run's: it does not change what the run computes.
 MAY_CHANGE_ON_RESUME = {"resume": "may_change"}
@@ -498,9 +501,23 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
-def all_keys(cfg: Config) -> list[str]:
-    """Every dotted leaf key of the config."""
+def all_keys(cfg: Config | Section) -> list[str]:
+    """Every dotted leaf key of the config (or of a section)."""
     return list(flatten(cfg))
+
+
+def with_settings(base: SectionT, settings: dict[str, Any] | Sequence[str]) -> SectionT:
+    """``base``, a ``Section`` used outside ``Config`` (the 25-Gaussians benchmark's settings), with
+    ``settings`` applied: a mapping of key -> value or ``key=value`` texts read as overrides are.
+    Checked exactly as a config section: unknown keys with the closest valid one, types, rules."""
+    valid = all_keys(base)
+    values = to_dict(base)
+    pairs = settings.items() if isinstance(settings, dict) else map(parse_override, settings)
+    for key, value in pairs:
+        if key not in valid:
+            raise _unknown_key(key, valid)
+        values[key] = value
+    return _build(type(base), values)
 
 
 @functools.cache

@@ -23,8 +23,9 @@ import json
 import math
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from ...models.discriminators import (
     ToyPairDiscriminator,
     ToyTimeDiscriminator,
 )
-from ..config import ConfigError
+from ..config import ConfigError, Section, with_settings
 from ..ema import EMA
 from ..objectives import ddgan, diffusion_gan
 from ..objectives.base import Terms, adversarial_round, check_finite, frozen_parameters
@@ -98,12 +99,12 @@ def mode_stats(samples: torch.Tensor | np.ndarray) -> dict[str, Any]:
 # --------------------------------------------------------------------------- settings
 
 
-@dataclass(frozen=True)
-class ToySettings:
+@dataclass
+class ToySettings(Section):
     """Hyper-parameters of one benchmark run; ``DEFAULTS`` holds each method's values, and
-    ``advdit toy --set KEY=VALUE`` changes any of them (docs/methods.md, "25 Gaussians", lists the
-    measured variants). Adam with StyleGAN2's betas (0, 0.99) at 2e-3, decayed along a cosine to 5%
-    of the rate, is the setting that reached the issue's targets.
+    ``advdit toy --set KEY=VALUE`` changes any of them, checked as config keys are (docs/methods.md,
+    "25 Gaussians", lists the measured variants). Adam with StyleGAN2's betas (0, 0.99) at 2e-3,
+    decayed along a cosine to 5% of the rate, is the setting that reached the issue's targets.
     """
 
     iterations: int = 20_000
@@ -128,6 +129,10 @@ class ToySettings:
     ada_kimg: float = 100.0
     # DDGAN's chain (unused by the other methods).
     num_steps: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require_positive("iterations", "batch_size", "hidden", "latent_dim", "num_steps")
 
 
 DEFAULTS: dict[str, ToySettings] = {
@@ -380,29 +385,15 @@ def train_game(game: ToyGame, iterations: int, seed: int, progress: bool = True)
     return values
 
 
-def toy_settings(method: str, overrides: dict[str, Any] | None = None) -> ToySettings:
-    """The method's ``DEFAULTS`` with ``overrides`` (field name -> value) applied and checked."""
+def toy_settings(method: str, overrides: dict[str, Any] | Sequence[str] = ()) -> ToySettings:
+    """The method's ``DEFAULTS`` with ``overrides`` (key -> value, or ``key=value`` texts)
+    applied and checked by the config's own loader."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
-    # Field types are strings here (postponed annotations): "int", "float" or "str".
-    types = {f.name: f.type for f in fields(ToySettings)}
-    changes = dict(overrides or {})
-    for key, value in changes.items():
-        if key not in types:
-            raise ConfigError(f"unknown toy setting {key!r}; valid: {', '.join(types)}")
-        expected = {"int": int, "float": (int, float), "str": str}[types[key]]
-        if isinstance(value, bool) or not isinstance(value, expected):
-            raise ConfigError(f"toy setting {key!r} must be a {types[key]}, got {value!r}")
-        if types[key] == "float":
-            changes[key] = float(value)
-    settings = replace(DEFAULTS[method], **changes)
-    if settings.iterations < 1 or settings.batch_size < 1:
-        raise ConfigError(f"iterations and batch_size must be >= 1, got {settings.iterations}, "
-                         f"{settings.batch_size}")
-    return settings
+    return with_settings(DEFAULTS[method], overrides)
 
 
-def run_toy(method: str, out_dir: str | Path, overrides: dict[str, Any] | None = None, seed: int = 0,
+def run_toy(method: str, out_dir: str | Path, overrides: dict[str, Any] | Sequence[str] = (), seed: int = 0,
             progress: bool = True) -> dict[str, Any]:
     """Train ``method`` on 25 Gaussians, evaluate 2,500 samples and write the run's files.
 
