@@ -1,7 +1,7 @@
 """Discriminators and encoders of the adversarial objectives, plus the toy MLPs of 25-Gaussians.
 
-Networks only: losses live in ``trainer/gan.py``, the diffusion/posterior math in
-``trainer/diffusion_gan.py``, ``trainer/ddgan.py`` and ``trainer/sadm.py``.
+Networks only: losses live in ``trainer/objectives/gan.py``, the diffusion/posterior math in
+``trainer/objectives/`` (``diffusion_gan.py``, ``ddgan.py``, ``sadm.py``).
 
 - ``TimestepClassDiscriminator`` (Diffusion-GAN): an image D whose t and class enter through a
   projection head, as Diffusion-StyleGAN2's D does (docs/methods.md: Diffusion-GAN). Unlike the official code,

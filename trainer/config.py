@@ -81,7 +81,7 @@ class Section:
 
 
 # ---------------------------------------------------------------------- the schema
-# What one training step optimises; trainer/objectives.py builds each.
+# What one training step optimises; trainer/objectives/ registers a class for each.
 Objective = Literal["dit", "sadm", "diffusion_gan", "ddgan"]
 # models/attention.py owns the backends; the config accepts exactly those.
 AttentionBackend = Literal[BACKENDS]
@@ -230,7 +230,7 @@ class DiscConfig(Section):
         _check_adam(self)
 
 
-# SADM's choices; trainer/sadm.py implements each (and reads these with typing.get_args).
+# SADM's choices; trainer/objectives/sadm.py implements each (and reads these with typing.get_args).
 SADMAffinity = Literal["cosine", "gaussian", "softmax"]
 SADMDistance = Literal["l1", "l2", "kl"]  # kl compares rows as distributions: needs softmax
 SADMWeighting = Literal["none", "snr", "range"]
