@@ -134,7 +134,7 @@ def make_legacy(checkpoint: Path) -> Path:
     torch.save(ema, checkpoint / "custom_checkpoint_0.pkl")
     torch.save(meta["state"], checkpoint / "custom_checkpoint_1.pkl")
     (checkpoint / EMA_FILE).unlink()
-    for key in ("format", "files", "state", "objects"):
+    for key in ("format", "files", "state", "objective_state", "contents"):  # none existed then
         meta.pop(key)
     (checkpoint / META).write_text(json.dumps(meta))
     return checkpoint

@@ -102,6 +102,9 @@ def final_checkpoint(out: Path) -> Path:
 def test_export_gives_the_gathered_ema_and_weights(uninterrupted: dict[str, Path], tmp_path: Path) -> None:
     exported = {}
     for strategy, out in uninterrupted.items():
+        # The manifest names where the denoiser's weights are; export reads them from there.
+        stored = json.loads((final_checkpoint(out) / "meta.json").read_text())["contents"]["denoiser"]
+        assert stored == {"weights": "model.safetensors" if strategy == "ddp" else "pytorch_model"}
         for weights in ("ema", "raw"):
             target = tmp_path / f"{strategy}-{weights}.safetensors"
             path = export_weights(final_checkpoint(out), target, weights)

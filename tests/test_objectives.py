@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from advdit.trainer.checkpointing.store import complete_checkpoints
+from advdit.trainer.checkpointing.store import CheckpointError, complete_checkpoints
 from advdit.trainer.loop import Trainer, train
 from advdit.trainer.objectives.base import StepContext
 
@@ -113,3 +114,26 @@ def test_ddgan_reads_the_dit_output_as_configured(parameterization: str, tmp_pat
     # The DiT timestep of each DDGAN level has the nearest alphas_cumprod of DiT's schedule.
     dit_acp = trainer.objective.denoiser.diffusion.alphas_cumprod[chain.dit_timesteps.numpy()]
     assert abs(dit_acp - chain.schedule.alphas_cumprod).max() < 0.01
+
+
+def test_checkpoint_manifest_names_its_contents_and_refuses_another_objective(tmp_path: Path,
+                                                                              tiny_shards: Path) -> None:
+    train(config(tmp_path, tiny_shards, "diffusion_gan", "train.steps=2"), progress=False)
+    folder = tmp_path / "checkpoints" / "step_00000002"
+    meta = json.loads((folder / "meta.json").read_text())
+    contents = meta["contents"]
+    assert contents["denoiser"] == {"weights": "model.safetensors"}
+    assert (folder / "model.safetensors").is_file()
+    assert contents["adversaries"] == {"disc": {"folder": "disc"}} and (folder / "disc").is_dir()
+    assert (folder / contents["ema"]).is_file() and "step" in contents["counters"]
+    assert contents["objective_state"] == ["controller"] and set(meta["objective_state"]) == {"controller"}
+    # Another objective's checkpoint is named as such, not skipped as damaged or loaded in part.
+    sadm = config(tmp_path, tiny_shards, "sadm", "train.steps=4")
+    with pytest.raises(CheckpointError, match=r"holds the adversaries \['disc'\], this objective trains "
+                                              r"\['encoder'\]"):
+        train(sadm, allow_config_change=True, progress=False)
+    dit = tiny_config(tmp_path, tiny_shards, "train.steps=4")
+    with pytest.raises(CheckpointError, match=r"holds the adversaries \['disc'\], this objective "
+                                              r"trains \[\]"):
+        train(dit, allow_config_change=True, progress=False)
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step_00000002"]

@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import save_file
 
 from .store import (
+    DEEPSPEED_TAG,
+    DENOISER_FILE,
     EMA_FILE,
     META,
     CheckpointError,
@@ -29,8 +31,6 @@ from .store import (
     verify,
     weights_only_loads,
 )
-
-DEEPSPEED_TAG = "pytorch_model"  # the sub-folder accelerate gives the first DeepSpeed engine
 
 
 def verified_meta(checkpoint: Path, prefix: str = "") -> dict:
@@ -51,9 +51,12 @@ def ema_state(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def raw_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The trained weights of a checkpoint, consolidated from ZeRO shards when sharded."""
-    sharded = (checkpoint / DEEPSPEED_TAG).is_dir()
-    verified_meta(checkpoint, DEEPSPEED_TAG if sharded else "model.safetensors")
+    """The trained weights of a checkpoint, consolidated from ZeRO shards when sharded; its
+    manifest says which (checkpoints written before the manifest: whichever is there)."""
+    contents = read_meta(checkpoint).get("contents", {}) if (checkpoint / META).is_file() else {}
+    stored = contents.get("denoiser", {}).get("weights")
+    sharded = stored == DEEPSPEED_TAG if stored else (checkpoint / DEEPSPEED_TAG).is_dir()
+    verified_meta(checkpoint, DEEPSPEED_TAG if sharded else DENOISER_FILE)
     if sharded:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -63,7 +66,7 @@ def raw_state(checkpoint: Path) -> dict[str, torch.Tensor]:
         except Exception as err:  # noqa: BLE001 - DeepSpeed and the unpickler raise many types
             raise CheckpointError(f"the ZeRO shards of {checkpoint} cannot be read "
                                   f"({str(err).splitlines()[0]})") from err
-    weights = checkpoint / "model.safetensors"
+    weights = checkpoint / DENOISER_FILE
     if not weights.is_file():
         raise CheckpointError(f"{checkpoint} holds neither {DEEPSPEED_TAG}/ (ZeRO) nor model.safetensors")
     return read_safetensors(weights)[0]

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -55,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 META = "meta.json"
 EMA_FILE = "ema.safetensors"
+DENOISER_FILE = "model.safetensors"  # accelerate's name for model 0 outside DeepSpeed
+DEEPSPEED_TAG = "pytorch_model"  # the sub-folder accelerate gives the first DeepSpeed engine
 FORMAT = 2  # 1: EMA and counters as pickles (custom_checkpoint_*.pkl), refused since they can run code
 LEGACY_PICKLES = "custom_checkpoint_*.pkl"
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -100,7 +103,17 @@ class Checkpointed:
     parts: dict[str, Accelerator]
     ema: EMA
     state: TrainState
-    objects: list[Any] = field(default_factory=list)
+    objects: dict[str, Any] = field(default_factory=dict)  # by name, e.g. {"controller": ...}
+
+    def manifest(self) -> dict[str, Any]:
+        """What the checkpoint holds and where, as meta.json's ``contents``: the denoiser's weights
+        (a file, or DeepSpeed's folder of shards), each adversary's sub-folder, the EMA file, and
+        the names of the counters and of the objective's states kept in meta.json itself."""
+        sharded = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        return {"denoiser": {"weights": DEEPSPEED_TAG if sharded else DENOISER_FILE},
+                "adversaries": {name: {"folder": name} for name in self.parts},
+                "ema": EMA_FILE, "counters": sorted(asdict(self.state)),
+                "objective_state": sorted(self.objects)}
 
 
 class Checkpointer:
@@ -296,8 +309,9 @@ def save_checkpoint(content: Checkpointed, output_dir: str | Path, step: int, me
     if accelerator.is_main_process:
         try:
             record = {**meta, "format": FORMAT, "step": step, "saved_at": time.time(),
-                      "state": asdict(content.state),
-                      "objects": [json_state(holder.state_dict()) for holder in content.objects],
+                      "contents": content.manifest(), "state": asdict(content.state),
+                      "objective_state": {name: json_state(holder.state_dict())
+                                          for name, holder in content.objects.items()},
                       "files": files}
             (tmp / META).write_text(json.dumps(record, indent=2))
             _publish(root, tmp, final)
@@ -404,12 +418,33 @@ def load_checkpoint(content: Checkpointed, path: Path, meta: dict[str, Any]) -> 
             part.load_state(str(path / name))
     load_ema(content.ema, path / EMA_FILE)
     content.state.load(meta["state"])
-    objects = meta.get("objects", [])
-    if len(objects) != len(content.objects):
-        raise CheckpointError(f"{path / META} holds {len(objects)} objective state(s), this objective "
-                              f"has {len(content.objects)}")
-    for holder, state in zip(content.objects, objects, strict=True):
-        holder.load_state_dict(state)
+    states = saved_objective_states(meta, content)
+    for name, holder in content.objects.items():
+        holder.load_state_dict(states[name])
+
+
+def saved_objective_states(meta: dict[str, Any], content: Checkpointed) -> dict[str, Any]:
+    """The objective's states of a checkpoint by name; those written before the manifest list
+    them in order (``objects``)."""
+    if "objective_state" in meta:
+        return meta["objective_state"]
+    return dict(zip(content.objects, meta.get("objects", []), strict=False))
+
+
+def check_contents(path: Path, meta: dict[str, Any], content: Checkpointed) -> None:
+    """The checkpoint holds the adversaries and objective states ``content`` expects (another
+    objective's checkpoint is a user's mistake, named with both sides, not damage to skip)."""
+    adversaries = sorted(meta.get("contents", {}).get("adversaries", content.parts))
+    if adversaries != sorted(content.parts):
+        raise CheckpointError(f"{path} holds the adversaries {adversaries}, this objective trains "
+                              f"{sorted(content.parts)}")
+    listed = meta.get("objective_state", meta.get("objects", []))
+    by_name = isinstance(listed, dict)
+    held = sorted(listed) if by_name else len(listed)
+    expected = sorted(content.objects) if by_name else len(content.objects)
+    if held != expected:
+        raise CheckpointError(f"{path / META} holds the objective states {held}, this objective "
+                              f"keeps {expected}")
 
 
 def resume_from(content: Checkpointed, resume: str, output_dir: str | Path,
@@ -484,6 +519,7 @@ def _load_checked(content: Checkpointed, path: Path, check_config: Callable[[dic
         raise _Unusable(path, str(err)) from err
     check_format(path, meta)
     check_config(meta)
+    check_contents(path, meta, content)
     error: Exception | None = None
     try:
         load_checkpoint(content, path, meta)

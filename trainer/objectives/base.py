@@ -238,9 +238,10 @@ class Objective(ABC):
         """The trained adversaries by name."""
         return {name: getattr(self, name) for name in self.adversary_names}
 
-    def checkpoint_objects(self) -> list[Any]:
-        """State beyond networks and optimizers that a checkpoint must hold."""
-        return []
+    def checkpoint_objects(self) -> dict[str, Any]:
+        """State beyond networks and optimizers that a checkpoint must hold, by name (objects with
+        ``state_dict`` / ``load_state_dict`` of numbers and lists, saved as JSON in meta.json)."""
+        return {}
 
     @abstractmethod
     def train_step(self, latents: torch.Tensor, labels: torch.Tensor, ctx: StepContext) -> Metrics:

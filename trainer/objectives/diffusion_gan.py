@@ -285,8 +285,8 @@ class DiffusionGANObjective(Objective):
                                             target=dg.target, ada_interval=dg.ada_interval,
                                             ada_kimg=dg.ada_kimg, seed=cfg.run.seed)
 
-    def checkpoint_objects(self) -> list[Any]:
-        return [self.controller]
+    def checkpoint_objects(self) -> dict[str, Any]:
+        return {"controller": self.controller}
 
     def train_step(self, latents: torch.Tensor, labels: torch.Tensor, ctx: StepContext) -> Metrics:
         dg = self.cfg.diffusion_gan
