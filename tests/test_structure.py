@@ -143,9 +143,13 @@ def test_every_module_imports_on_its_own() -> None:
 def test_the_registry_and_the_config_name_the_same_objectives() -> None:
     from typing import get_args
 
-    from advdit.trainer.config import Objective
+    from advdit.trainer.config import METHOD_SECTIONS, Objective
     from advdit.trainer.objectives import OBJECTIVES
 
     assert set(OBJECTIVES) == set(get_args(Objective))
     for name, cls in OBJECTIVES.items():
         assert cls.name == name and all(isinstance(attr, str) for attr in cls.adversary_names)
+    # Each method declares the sections it reads; the config refuses them for the others.
+    declared = {section: {name for name, cls in OBJECTIVES.items() if section in cls.config_sections}
+                for cls in OBJECTIVES.values() for section in cls.config_sections}
+    assert declared == {section: set(owners) for section, owners in METHOD_SECTIONS.items()}

@@ -472,15 +472,15 @@ class _ShardImages(IterableDataset):
         for record in iter_records(shards):
             try:
                 # Labels are not used here; any class index is accepted.
-                pixels, _ = decode_sample(record, self.image_size, sys.maxsize)
+                decoded, _ = decode_sample(record, self.image_size, sys.maxsize)
             except Exception as err:  # noqa: BLE001 - any decoding failure is a corrupt sample
                 logger.warning("reference statistics: skipping %s:%s (%s)", record["__url__"],
                                record["__key__"], err)
                 corrupt += 1
                 continue
-            if pixels.ndim != 3:
+            if decoded.ndim != 3:  # latent moments, not an image
                 raise FidError(f"{record['__url__']} holds latents; reference statistics need image shards")
-            images.append(pixels)
+            images.append(decoded)
             if len(images) == self.batch_size:
                 yield self._batch(images, corrupt)
                 images, corrupt = [], 0

@@ -212,12 +212,16 @@ class Objective(ABC):
     """A training objective: its losses and update order for one step.
 
     Subclasses set ``name`` (the ``objective`` config value), ``adversary_names`` (the attributes
-    holding its ``Adversary`` players, each checkpointed in a sub-folder of that name) and
-    implement ``train_step``; ``sampler`` says how a denoiser trained this way samples.
+    holding its ``Adversary`` players, each checkpointed in a sub-folder of that name),
+    ``config_sections`` (the sections it reads beyond the common ones) and implement
+    ``train_step``; ``sampler`` says how a denoiser trained this way samples.
     """
 
     name: ClassVar[str]
     adversary_names: ClassVar[tuple[str, ...]] = ()
+    # The config sections only this kind of objective reads (their schema is in trainer/config.py,
+    # which refuses their keys for other objectives).
+    config_sections: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Config, denoiser: Denoiser) -> None:
         self.cfg = cfg

@@ -274,6 +274,7 @@ class DDGANObjective(Objective):
 
     name = "ddgan"
     adversary_names = ("disc",)
+    config_sections = ("ddgan", "disc")
     sampler = staticmethod(few_step_sampler)
 
     def __init__(self, cfg: Config, denoiser: Denoiser) -> None:

@@ -272,6 +272,7 @@ class DiffusionGANObjective(Objective):
 
     name = "diffusion_gan"
     adversary_names = ("disc",)
+    config_sections = ("diffusion_gan", "disc")
     sampler = staticmethod(diffusion_sampler)
 
     def __init__(self, cfg: Config, denoiser: Denoiser) -> None:

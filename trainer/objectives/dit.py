@@ -27,7 +27,7 @@ from .base import (
 
 
 @dataclass
-class Denoised:
+class DenoisingPass:
     """One forward pass of the denoiser on a noised batch."""
 
     terms: dict[str, torch.Tensor]  # per-sample loss, mse, vb; the batch's x_t and predicted eps
@@ -37,7 +37,7 @@ class Denoised:
 
 
 def denoise(denoiser: Denoiser, cfg: Config, latents: torch.Tensor, labels: torch.Tensor,
-            rng: torch.Generator) -> Denoised:
+            rng: torch.Generator) -> DenoisingPass:
     """DiT's training forward: uniform t, Gaussian noise, label dropout (drawn in that order)."""
     diffusion = denoiser.diffusion
     t = torch.randint(0, diffusion.num_timesteps, (latents.shape[0],), generator=rng, device=latents.device)
@@ -46,10 +46,10 @@ def denoise(denoiser: Denoiser, cfg: Config, latents: torch.Tensor, labels: torc
     with denoiser.accelerator.autocast():
         terms = diffusion.training_losses(denoiser.model, latents, t, noise, {"y": labels})
     x0_pred = diffusion.predict_xstart_from_eps(terms["x_t"], t, terms["eps"])
-    return Denoised(terms, x0_pred, t, labels)
+    return DenoisingPass(terms, x0_pred, t, labels)
 
 
-def denoising_metrics(denoised: Denoised) -> dict[str, torch.Tensor]:
+def denoising_metrics(denoised: DenoisingPass) -> dict[str, torch.Tensor]:
     """The batch means of DiT's loss terms, as every objective built on ``denoise`` logs them."""
     return {name: denoised.terms[term].mean().detach() for name, term in
             (("loss_mse", "mse"), ("loss_vb", "vb"))}

@@ -31,7 +31,7 @@ from ...models.discriminators import StructureEncoder
 from ..config import Config, SADMAffinity, SADMDistance, SADMWeighting
 from ..runtime.distributed import initialized
 from .base import Adversary, Denoiser, Metrics, Objective, StepContext, adversarial_round
-from .dit import Denoised, denoise, denoising_metrics, diffusion_sampler
+from .dit import DenoisingPass, denoise, denoising_metrics, diffusion_sampler
 
 # The choices are the config's (its section checks them when a run is configured); these
 # functions also check them when called directly.
@@ -162,6 +162,7 @@ class SADMObjective(Objective):
 
     name = "sadm"
     adversary_names = ("encoder",)
+    config_sections = ("sadm", "disc")
     sampler = staticmethod(diffusion_sampler)
 
     def __init__(self, cfg: Config, denoiser: Denoiser) -> None:
@@ -181,7 +182,7 @@ class SADMObjective(Objective):
         fake_aff = affinity(gather_rows_with_local_grad(fake_features.float()), sadm.affinity, sadm.tau)
         return structural_distance(real_aff, fake_aff, sadm.distance, gather_rows_with_local_grad(weights))
 
-    def denoise(self, latents: torch.Tensor, labels: torch.Tensor, rng: torch.Generator) -> Denoised:
+    def denoise(self, latents: torch.Tensor, labels: torch.Tensor, rng: torch.Generator) -> DenoisingPass:
         return denoise(self.denoiser, self.cfg, latents, labels, rng)
 
     def train_step(self, latents: torch.Tensor, labels: torch.Tensor, ctx: StepContext) -> Metrics:
