@@ -113,7 +113,8 @@ class MetricWindow:
     a non-finite loss or gradient norm makes its sum non-finite, which the log and the checkpoint
     read, so finiteness is checked every step without a host sync per step."""
 
-    def __init__(self) -> None:
+    def __init__(self, every: int) -> None:
+        self.every = every  # train.log_every
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.images = 0
@@ -128,6 +129,11 @@ class MetricWindow:
         self.images += images
         self.corrupt += batch["corrupt"]
         self.skipped_shards += batch.get("skipped_shards", 0)
+
+    def due(self, step: int, last: bool, stop: bool) -> bool:
+        """Whether the window is logged after ``step``: every ``every`` steps, at the last step and
+        when the run stops, if it holds anything."""
+        return bool(self.counts) and (step % self.every == 0 or last or stop)
 
     def finite(self) -> torch.Tensor:
         """Whether every sum is finite, as a device tensor (no sync)."""
@@ -467,7 +473,7 @@ class Trainer:
     def _steps(self, batches: Iterator[dict[str, Any]], bar: tqdm) -> tuple[Path | None, Path | None]:
         """Train until train.steps or a signal; returns the last checkpoint and sample grid."""
         cfg, accelerator = self.cfg, self.accelerator
-        window = MetricWindow()
+        window = MetricWindow(cfg.train.log_every)
         checkpoint = grid = None
         self.model.train()
         while self.state.step < cfg.train.steps:
@@ -501,9 +507,9 @@ class Trainer:
         The log goes first: it adds the window's counts to the state the checkpoint saves."""
         step, cfg = self.state.step, self.cfg.train
         last = step == cfg.steps
-        if (step % cfg.log_every == 0 or last or stop) and window.counts:
+        if window.due(step, last, stop):
             self._log(window, bar)
-            window = MetricWindow()
+            window = MetricWindow(cfg.log_every)
         if self.checkpointer.due(step, last, stop):
             checkpoint = self._checkpoint(window)
         elif stop and checkpoint is not None and self.accelerator.is_main_process:
