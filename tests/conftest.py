@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Test modules import mlflow before advdit.trainer.tracking turns its telemetry off.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402

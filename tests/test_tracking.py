@@ -169,3 +169,20 @@ def test_fallback_resume_logs_each_step_once(tracking_uri: str, tmp_path: Path, 
     assert [row["step"] for row in rows] == list(range(1, 9))
     history = MlflowClient(tracking_uri).get_metric_history(first.mlflow_run_id, "loss")
     assert sorted(metric.step for metric in history) == list(range(1, 9))
+
+
+def test_mlflow_telemetry_is_off_so_no_thread_edits_the_environment() -> None:
+    """MLflow's telemetry thread pops a variable from os.environ when its server is unreachable,
+    racing every thread that reads the environment; advdit turns it off before mlflow loads."""
+    ci_markers = {"PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"}
+    env = {key: value for key, value in os.environ.items() if key not in ci_markers}
+    check = "import mlflow; from mlflow.telemetry.client import get_telemetry_client as g; print(g() is None)"
+
+    def telemetry_off(first: str) -> str:
+        done = subprocess.run([sys.executable, "-c", f"{first}{check}"], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().splitlines()[-1]
+
+    assert telemetry_off("") == "False"  # MLflow on its own starts its telemetry client
+    assert telemetry_off("import advdit.trainer.tracking; ") == "True"

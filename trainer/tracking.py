@@ -36,6 +36,12 @@ logger = logging.getLogger(__name__)
 # MLflow's client retries a failed request 7 times with growing waits and a 120 s timeout: minutes
 # per call against a dead server. The background thread does its own retrying, so each call may
 # fail fast (the user's own settings of these variables win).
+# MLflow's telemetry starts a thread at import which, when it cannot reach its server (clusters and
+# this project's machines have no internet), removes a variable from os.environ while other threads
+# may be reading the environment (requests does on every call): a race that failed a run's MLflow
+# calls with KeyError. advdit sends nothing to third parties; a user may still turn it on.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 MAX_BACKOFF = 30.0
