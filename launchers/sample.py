@@ -29,6 +29,9 @@ def add_sample_parser(commands: Any) -> argparse.ArgumentParser:
                         help="default: the checkpoint's sample.sampler (not for DDGAN: NFE = its T)")
     sample.add_argument("--steps", type=int, help="sampling steps (DiT's published setting: ddpm 250)")
     sample.add_argument("--cfg-scale", type=float, help="classifier-free guidance (DiT's published: 1.5)")
+    sample.add_argument("--cfg-channels", type=_channels, metavar="N|all",
+                        help="eps channels guidance acts on (default: the checkpoint's sample.cfg_channels, "
+                             "3 as the official DiT)")
     sample.add_argument("--labels", default=BALANCED,
                         help="'balanced' (sample i has class i mod num_classes) or a .npy / text file")
     sample.add_argument("--seed", type=int, default=0, help="sample i uses a generator seeded (seed, i)")
@@ -39,6 +42,11 @@ def add_sample_parser(commands: Any) -> argparse.ArgumentParser:
     sample.add_argument("--nproc", type=int, default=1, help="processes on this machine (one per GPU)")
     sample.set_defaults(func=_run)
     return sample
+
+
+def _channels(text: str) -> int | str:
+    """``--cfg-channels``: a count, or ``all``."""
+    return text if text == "all" else int(text)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -57,7 +65,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("advdit sample needs --npz PATH and/or --png-dir DIR")
     if args.num_samples < 1 or args.batch_size < 1:
         raise ConfigError("--num-samples and --batch-size must be positive")
-    cfg = sampling_config(args.source, args.sampler, args.steps, args.cfg_scale, args.vae, args.precision)
+    cfg = sampling_config(args.source, args.sampler, args.steps, args.cfg_scale, args.vae, args.precision,
+                          cfg_channels=args.cfg_channels)
     sampler, accelerator = load_sampler(args.source, cfg, args.weights)
     labels = (balanced_labels(args.num_samples, cfg.model.num_classes) if args.labels == BALANCED
               else read_labels(args.labels, args.num_samples, cfg.model.num_classes))
@@ -66,7 +75,8 @@ def _run(args: argparse.Namespace) -> int:
     if accelerator.is_main_process:
         where = " and ".join(str(p) for p in (args.npz, args.png_dir) if p)
         setting = ("DDGAN, NFE = ddgan.num_steps" if cfg.objective == "ddgan" else
-                   f"{cfg.sample.sampler} {cfg.sample.steps} steps, CFG {cfg.sample.cfg_scale}")
+                   f"{cfg.sample.sampler} {cfg.sample.steps} steps, CFG {cfg.sample.cfg_scale} on "
+                   f"{cfg.sample.cfg_channels} eps channels")
         print(f"wrote {args.num_samples} samples ({setting}, {args.weights} weights) to {where}; "
               f"{timing['images_per_sec']:.3f} images/s over {timing['processes']} process(es), "
               f"{timing['images_per_sec'] / timing['processes']:.3f} per process")

@@ -606,17 +606,24 @@ def build_diffusion(
     return diffusion.respaced(respacing)
 
 
-def cfg_model_fn(model_fn: ModelFn, cfg_scale: float, null_class: int, channels: int) -> ModelFn:
+def cfg_model_fn(model_fn: ModelFn, cfg_scale: float, null_class: int, channels: int,
+                 guided_channels: int | None = None) -> ModelFn:
     """Wrap ``model_fn`` for classifier-free guidance with scale ``cfg_scale``.
 
     The wrapper takes the usual ``(x, t, y=..., **kwargs)``, runs the model once on the doubled
     batch ``[x; x]`` with labels ``[y; null_class]``, and returns, for the original batch,
-    ``eps_uncond + cfg_scale * (eps_cond - eps_uncond)`` on the first ``channels`` channels and
-    the conditional half's remaining (variance) channels. All eps channels are guided; the DiT
-    reference guides only the first three, a quirk not reproduced here. Other keyword arguments
-    are passed through unchanged (not doubled). With ``cfg_scale == 1`` guidance is the identity,
-    so ``model_fn`` itself is returned and no doubled batch is run.
+    ``eps_uncond + cfg_scale * (eps_cond - eps_uncond)`` on the first ``guided_channels`` of the
+    ``channels`` eps channels (all of them when None) and the conditional half's other channels
+    (unguided eps, variance). The official DiT guides the first three of its four latent channels
+    (its ``forward_with_cfg``), which is what its published FIDs used: ``guided_channels=3``
+    reproduces it. Other keyword arguments are passed through unchanged (not doubled). With
+    ``cfg_scale == 1`` guidance is the identity, so ``model_fn`` itself is returned and no doubled
+    batch is run.
     """
+    guided_channels = channels if guided_channels is None else guided_channels
+    if not 1 <= guided_channels <= channels:
+        raise ValueError(f"guided_channels must be in [1, {channels}] for {channels}-channel eps, "
+                         f"got {guided_channels}")
     if cfg_scale == 1.0:
         return model_fn
 
@@ -625,8 +632,8 @@ def cfg_model_fn(model_fn: ModelFn, cfg_scale: float, null_class: int, channels:
         labels = torch.cat([y, torch.full_like(y, null_class)])
         output = model_fn(torch.cat([x, x]), torch.cat([t, t]), y=labels, **kwargs)
         cond, uncond = output[:batch], output[batch:]
-        eps_cond, eps_uncond = cond[:, :channels], uncond[:, :channels]
+        eps_cond, eps_uncond = cond[:, :guided_channels], uncond[:, :guided_channels]
         eps = eps_uncond + cfg_scale * (eps_cond - eps_uncond)
-        return torch.cat([eps, cond[:, channels:]], dim=1)
+        return torch.cat([eps, cond[:, guided_channels:]], dim=1)
 
     return guided

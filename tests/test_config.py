@@ -195,7 +195,8 @@ def test_keys_marked_may_change_are_the_only_ones_a_resume_ignores() -> None:
 
     saved = flatten(load_config(None, ["train.steps=5"]))
     harmless = ["train.steps=9", "run.output_dir=elsewhere", "model.compile=blocks", "eval.fid_every=10",
-                "eval.reference=ref.npz", "tracking.enabled=false", "optim.fused=false"]
+                "eval.reference=ref.npz", "tracking.enabled=false", "optim.fused=false",
+                "sample.cfg_channels=all"]
     assert changed_keys(saved, flatten(load_config(None, harmless))) == {}
     changed = flatten(load_config(None, [*harmless, "optim.lr=3e-4", "model.attention=math"]))
     assert changed_keys(saved, changed) == {"optim.lr": (1e-4, 3e-4), "model.attention": ("auto", "math")}
@@ -333,3 +334,13 @@ def test_a_missing_data_package_is_a_one_line_error() -> None:
     assert (package_folder("advdit.configs") / "imagenet" / "base.yaml").is_file()
     with pytest.raises(ConfigError, match=r"advdit's package advdit\.nothing is not installed; reinstall"):
         package_folder("advdit.nothing")
+
+
+def test_cfg_channels_is_a_count_or_all() -> None:
+    assert load_config(None, []).sample.cfg_channels == 3  # as the official DiT's published FIDs
+    assert load_config(None, ["sample.cfg_channels=all"]).sample.cfg_channels == "all"
+    assert load_config(None, ["sample.cfg_channels=4"]).sample.cfg_channels == 4
+    with pytest.raises(ConfigError, match="'sample.cfg_channels' must be positive"):
+        load_config(None, ["sample.cfg_channels=0"])
+    with pytest.raises(ConfigError, match="'sample.cfg_channels' expects"):
+        load_config(None, ["sample.cfg_channels=some"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -514,3 +515,34 @@ def test_cfg_guides_eps_and_keeps_conditional_variance() -> None:
     eps_cond, eps_uncond = x * label + 1.0, x * null + 1.0
     torch.testing.assert_close(guided[:, :2], eps_uncond + scale * (eps_cond - eps_uncond))
     torch.testing.assert_close(guided[:, 2:], x - label)
+
+
+def _official_forward_with_cfg(model_fn: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor,
+                               y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """The official DiT's forward_with_cfg, written out: x holds the batch twice, its first half
+    conditional; only the first three eps channels are guided, the rest comes from each half."""
+    half = x[: len(x) // 2]
+    combined = torch.cat([half, half])
+    model_out = model_fn(combined, t, y=y)
+    eps, rest = model_out[:, :3], model_out[:, 3:]
+    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+
+def test_cfg_on_three_of_four_channels_is_the_official_dit_guidance() -> None:
+    def model_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        label = y.to(x.dtype).view(-1, 1, 1)
+        return torch.cat([x * label + 1.0, x - label], dim=1)  # eps: 4 ch, variance: 4 ch
+
+    x = torch.randn(3, 4, 5, generator=_gen(25))
+    t, y, null, scale = _t(4, 5, 6), torch.tensor([1, 2, 3]), 10, 4.0
+    ours = cfg_model_fn(model_fn, scale, null_class=null, channels=4, guided_channels=3)(x, t, y=y)
+    official = _official_forward_with_cfg(model_fn, torch.cat([x, x]), torch.cat([t, t]),
+                                          torch.cat([y, torch.full_like(y, null)]), scale)
+    torch.testing.assert_close(ours, official[:3])
+    everything = cfg_model_fn(model_fn, scale, null_class=null, channels=4)(x, t, y=y)
+    assert not torch.allclose(everything[:, 3], ours[:, 3])  # the fourth channel: guided only with all
+    torch.testing.assert_close(everything[:, :3], ours[:, :3])
+    with pytest.raises(ValueError, match=r"guided_channels must be in \[1, 4\]"):
+        cfg_model_fn(model_fn, scale, null_class=null, channels=4, guided_channels=5)

@@ -123,6 +123,13 @@ def test_exported_ema_weights_sample_like_the_checkpoint(tmp_path: Path, checkpo
     capsys.readouterr()
     assert main(sample_args(exported, tmp_path / "x.npz", "--weights", "raw")) == 2
     assert "ema.safetensors holds the ema weights, raw were asked for" in capsys.readouterr().err
+    # Pixels have 3 eps channels: guiding "all" is guiding the default 3; a fourth does not exist.
+    assert main(sample_args(checkpoint, tmp_path / "all.npz", "--cfg-channels", "all", *labels)) == 0
+    all_channels = np.load(tmp_path / "all.npz")["arr_0"]
+    np.testing.assert_array_equal(all_channels, np.load(tmp_path / "ckpt.npz")["arr_0"])
+    capsys.readouterr()
+    assert main(sample_args(checkpoint, tmp_path / "y.npz", "--cfg-channels", "4", *labels)) == 2
+    assert "'sample.cfg_channels' is 4, but the denoiser's eps has 3 channels" in capsys.readouterr().err
 
 
 def test_ddgan_samples_with_its_own_nfe(tmp_path: Path, tiny_shards: Path,

@@ -205,12 +205,17 @@ class SampleConfig(Section):
     sampler: Sampler = "ddim"
     steps: int = 50
     cfg_scale: float = 1.5
+    # Eps channels that guidance acts on: 3 as the official DiT (its published FIDs), or all.
+    # Sampling only: checkpoints made before this key lack it.
+    cfg_channels: int | Literal["all"] = _may_change(3)
     grid_classes: list[int] = field(default_factory=list)  # empty: spread over all classes
     grid_rows: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.require_positive("steps")
+        if self.cfg_channels != "all":
+            self.require_positive("cfg_channels")
 
 
 @dataclass

@@ -242,10 +242,11 @@ def denoiser_weights(source: Path, weights: str) -> dict[str, torch.Tensor]:
 
 def sampling_config(source: str | Path, sampler: str | None = None, steps: int | None = None,
                     cfg_scale: float | None = None, vae: str | None = None,
-                    precision: str = "fp32") -> Config:
+                    precision: str = "fp32", cfg_channels: int | str | None = None) -> Config:
     """The recorded config with the sampling settings replaced; DDGAN samples with NFE = its T."""
     recorded = recorded_config(source)
-    asked = {"sample.sampler": sampler, "sample.steps": steps, "sample.cfg_scale": cfg_scale}
+    asked = {"sample.sampler": sampler, "sample.steps": steps, "sample.cfg_scale": cfg_scale,
+             "sample.cfg_channels": cfg_channels}
     asked = {key: value for key, value in asked.items() if value is not None}
     if asked and recorded.get("objective") == "ddgan":
         raise ConfigError(f"{source} is a DDGAN denoiser: it samples with NFE = ddgan.num_steps "

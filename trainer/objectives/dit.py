@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ...models.diffusion import Generators, cfg_model_fn
-from ..config import Config
+from ..config import Config, ConfigError
 from .base import (
     Denoiser,
     LatentSampler,
@@ -56,14 +56,21 @@ def denoising_metrics(denoised: DenoisingPass) -> dict[str, torch.Tensor]:
 
 
 def diffusion_sampler(cfg: Config, channels: int, latent_size: int) -> LatentSampler:
-    """DDPM or DDIM sampling with ``sample.steps`` steps and CFG at ``sample.cfg_scale``."""
+    """DDPM or DDIM sampling with ``sample.steps`` steps and CFG at ``sample.cfg_scale`` on
+    ``sample.cfg_channels`` of the eps channels (3, as the official DiT, or all; never more than
+    the denoiser has: pixels have 3)."""
     ddim = cfg.sample.sampler == "ddim"
     diffusion = diffusion_of(cfg, respacing=f"ddim{cfg.sample.steps}" if ddim else cfg.sample.steps)
     loop = diffusion.ddim_sample_loop if ddim else diffusion.p_sample_loop
+    asked = cfg.sample.cfg_channels
+    if asked != "all" and asked > channels:
+        raise ConfigError(f"config key 'sample.cfg_channels' is {asked}, but the denoiser's eps has "
+                          f"{channels} channels; use at most {channels}, or all")
+    guided_channels = channels if asked == "all" else asked
 
     @torch.no_grad()
     def sample(model: nn.Module, labels: torch.Tensor, rng: Generators, clip_denoised: bool) -> torch.Tensor:
-        guided = cfg_model_fn(model, cfg.sample.cfg_scale, cfg.model.num_classes, channels)
+        guided = cfg_model_fn(model, cfg.sample.cfg_scale, cfg.model.num_classes, channels, guided_channels)
         shape = (len(labels), channels, latent_size, latent_size)
         return loop(guided, shape, {"y": labels}, generator=rng, device=labels.device,
                     clip_denoised=clip_denoised)
