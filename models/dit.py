@@ -77,10 +77,14 @@ class TanhGELU(nn.Module):
         return F.gelu(x, approximate="tanh")
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps, cos half first as in DiT."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0,
+                       freq_shift: int = 0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, cos half first as in DiT.
+
+    Frequency i is max_period^(-i / (half - freq_shift)): the official DiT divides by half
+    (``freq_shift=0``), diffusers' DiTTransformer2DModel by half - 1 (``freq_shift=1``)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -89,15 +93,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden_size: int, frequency_size: int = 256) -> None:
+    def __init__(self, hidden_size: int, frequency_size: int = 256, freq_shift: int = 0) -> None:
         super().__init__()
         self.frequency_size = frequency_size
+        self.freq_shift = freq_shift
         self.mlp = nn.Sequential(
             nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        frequencies = timestep_embedding(t, self.frequency_size)
+        frequencies = timestep_embedding(t, self.frequency_size, freq_shift=self.freq_shift)
         return self.mlp(frequencies.to(self.mlp[0].weight.dtype))
 
 
@@ -165,6 +170,7 @@ class DiT(nn.Module):
         attention: str = "auto",
         grad_checkpointing: bool = False,
         z_dim: int = 0,
+        timestep_freq_shift: int = 0,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -177,7 +183,7 @@ class DiT(nn.Module):
         self.grad_checkpointing = grad_checkpointing
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
         # One extra row: the null class used for classifier-free guidance.
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)
         # DDGAN's latent z (a multimodal denoising step) enters the conditioning like t and y.

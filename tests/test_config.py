@@ -200,6 +200,20 @@ def test_keys_marked_may_change_are_the_only_ones_a_resume_ignores() -> None:
     assert changed_keys(saved, flatten(load_config(None, harmless))) == {}
     changed = flatten(load_config(None, [*harmless, "optim.lr=3e-4", "model.attention=math"]))
     assert changed_keys(saved, changed) == {"optim.lr": (1e-4, 3e-4), "model.attention": ("auto", "math")}
+    harmless += ["model.init_from=official.pt", "model.init_entry=model"]
+    assert changed_keys(saved, flatten(load_config(None, harmless))) == {}
+
+
+def test_a_key_a_checkpoint_predates_counts_as_its_default() -> None:
+    """Keys are added with the default that keeps the old behaviour: an older checkpoint lacking
+    one resumes under that default, and not under another value."""
+    from advdit.trainer.checkpointing.store import changed_keys
+
+    saved = flatten(load_config(None))
+    del saved["model.timestep_freq_shift"]
+    assert changed_keys(saved, flatten(load_config(None))) == {}
+    shifted = flatten(load_config(None, ["model.timestep_freq_shift=1"]))
+    assert changed_keys(saved, shifted) == {"model.timestep_freq_shift": (0, 1)}
 
 
 @pytest.mark.parametrize("fixture", RECIPES, ids=lambda p: p.stem)

@@ -91,6 +91,8 @@ CompileMode = Literal["none", "blocks", "model"]
 Strategy = Literal["ddp", "zero2", "zero3"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Sampler = Literal["ddim", "ddpm"]
+# Which weights of an official DiT training checkpoint (its train.py saves both) model.init_from reads.
+InitEntry = Literal["ema", "model"]
 
 
 @dataclass
@@ -114,6 +116,13 @@ class ModelConfig(Section):
     grad_checkpointing: bool = False
     # How fast the step runs, not what it computes (checkpoints made before this key lack it).
     compile: CompileMode = _may_change("none")
+    # Published weights to start from (a fresh run only; a resumed run reads its checkpoint): an
+    # official DiT .pt, a diffusers DiTTransformer2DModel folder, or an advdit export / checkpoint.
+    init_from: str | None = _may_change(None)
+    init_entry: InitEntry = _may_change("ema")
+    # The timestep embedding's frequencies exp(-ln(10^4) i / (128 - shift)): 0 is the official DiT
+    # (its weights were trained so), 1 is diffusers' DiTTransformer2DModel (docs/pretrained.md).
+    timestep_freq_shift: Literal[0, 1] = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()

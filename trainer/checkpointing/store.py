@@ -47,7 +47,7 @@ from accelerate.utils import DistributedType
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..config import resume_changeable_keys
+from ..config import Config, flatten, resume_changeable_keys
 from ..ema import EMA
 from ..runtime.distributed import all_ranks, from_main, merged, world
 from ..runtime.files import file_sha256, write_json_atomic, write_text_atomic
@@ -374,12 +374,14 @@ def _write_error(err: Exception | None, root: Path, needed: int, last_good: Path
 # ---------------------------------------------------------------------------------- resuming
 
 def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Flattened config keys whose values differ, excluding harmless ones."""
+    """Flattened config keys whose values differ, excluding harmless ones. A key the checkpoint
+    lacks counts as its default: keys are added with the default that keeps the old behaviour."""
+    defaults = flatten(Config())
     keys = set(saved) | set(current)
     return {
-        key: (saved.get(key), current.get(key))
+        key: (saved.get(key, defaults.get(key)), current.get(key))
         for key in sorted(keys)
-        if saved.get(key) != current.get(key) and key not in resume_changeable_keys()
+        if saved.get(key, defaults.get(key)) != current.get(key) and key not in resume_changeable_keys()
     }
 
 

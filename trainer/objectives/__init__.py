@@ -36,5 +36,5 @@ def build_denoiser(cfg: Config, channels: int, latent_size: int) -> nn.Module:
     return build_dit(m.arch, input_size=latent_size, in_channels=channels, depth=m.depth,
                      hidden_size=m.hidden_size, num_heads=m.num_heads, num_classes=m.num_classes,
                      learn_sigma=m.learn_sigma, attention=m.attention,
-                     grad_checkpointing=m.grad_checkpointing,
+                     grad_checkpointing=m.grad_checkpointing, timestep_freq_shift=m.timestep_freq_shift,
                      **objective_class(cfg.objective).denoiser_kwargs(cfg))
