@@ -64,8 +64,14 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ..trainer.checkpointing.export import export_weights
+    from ..trainer.checkpointing.export import export_diffusers, export_weights
 
+    if args.format == "diffusers":
+        out = export_diffusers(args.checkpoint, args.out, args.weights)
+        print(f"wrote the {args.weights} weights of {args.checkpoint} as a diffusers DiTTransformer2DModel "
+              f"folder {out} (with scheduler/); diffusers computes the timestep frequencies as advdit's "
+              "model.timestep_freq_shift=1, see docs/pretrained.md")
+        return 0
     out = export_weights(args.checkpoint, args.out, args.weights)
     print(f"wrote the {args.weights} weights of {args.checkpoint} to {out}")
     return 0
@@ -107,10 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dotted overrides, e.g. train.steps=200")
     show.set_defaults(func=_config_show)
 
-    export = commands.add_parser("export", help="consolidate a checkpoint's denoiser into one file")
+    export = commands.add_parser("export", help="consolidate a checkpoint's denoiser into one file, or a "
+                                                "diffusers model folder")
     export.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/demo/checkpoints/step_00000700")
-    export.add_argument("--out", required=True, help="the .safetensors file to write")
+    export.add_argument("--out", required=True, help="the .safetensors file (advdit) or folder (diffusers)")
     export.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    export.add_argument("--format", choices=("advdit", "diffusers"), default="advdit",
+                        help="advdit: one safetensors file with the run's config; diffusers: a "
+                             "DiTTransformer2DModel folder (config.json, safetensors, scheduler/)")
     export.set_defaults(func=_export)
 
     checkpoint = commands.add_parser("checkpoint", help="maintain checkpoints")

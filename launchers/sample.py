@@ -19,12 +19,14 @@ BALANCED = "balanced"
 def add_sample_parser(commands: Any) -> argparse.ArgumentParser:
     """Register ``sample`` on an ``add_subparsers()`` object; returns its parser."""
     sample = commands.add_parser("sample", help="draw a sample set (PNGs and/or ADM .npz) from a checkpoint")
-    sample.add_argument("source", help="a checkpoint folder or a file written by advdit export")
+    sample.add_argument("source", help="a checkpoint folder, a file written by advdit export, or published "
+                                       "DiT weights (official .pt, diffusers DiTTransformer2DModel folder)")
     sample.add_argument("--num-samples", type=int, default=50_000)
     sample.add_argument("--npz", help="write an ADM sample batch: arr_0 = N x H x W x 3 uint8, arr_1 labels")
     sample.add_argument("--png-dir", help="write one PNG per sample, 000000.png, 000001.png, ...")
     sample.add_argument("--weights", choices=("ema", "raw"), default="ema",
-                        help="a checkpoint's EMA (default) or trained weights")
+                        help="a checkpoint's EMA (default) or trained weights (of an official train.py "
+                             "checkpoint: its 'ema' or 'model')")
     sample.add_argument("--sampler", choices=("ddpm", "ddim"),
                         help="default: the checkpoint's sample.sampler (not for DDGAN: NFE = its T)")
     sample.add_argument("--steps", type=int, help="sampling steps (DiT's published setting: ddpm 250)")
@@ -66,7 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.num_samples < 1 or args.batch_size < 1:
         raise ConfigError("--num-samples and --batch-size must be positive")
     cfg = sampling_config(args.source, args.sampler, args.steps, args.cfg_scale, args.vae, args.precision,
-                          cfg_channels=args.cfg_channels)
+                          cfg_channels=args.cfg_channels, weights=args.weights)
     sampler, accelerator = load_sampler(args.source, cfg, args.weights)
     labels = (balanced_labels(args.num_samples, cfg.model.num_classes) if args.labels == BALANCED
               else read_labels(args.labels, args.num_samples, cfg.model.num_classes))

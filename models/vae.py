@@ -6,6 +6,7 @@ encode multiplies by it and every decode divides by it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -77,6 +78,18 @@ def random_sd_vae_codec(seed: int = 0) -> SDVAECodec:
 
     torch.manual_seed(seed)
     return SDVAECodec(AutoencoderKL(**SD_VAE_ARCHITECTURE))
+
+
+def codec_downsample(vae: str) -> int:
+    """How many pixels per latent side the codec ``vae`` gives, from its config.json alone (8 for
+    the SD-VAE); 8 where the folder cannot be read, which load_codec then reports."""
+    if vae == "none":
+        return 1
+    try:
+        config = json.loads((Path(vae) / "config.json").read_text())
+        return 2 ** (len(config["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 8
 
 
 def load_codec(vae: str) -> PixelCodec | SDVAECodec:

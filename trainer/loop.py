@@ -16,7 +16,9 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
+from ..models.dit import resolve_size
 from ..models.vae import load_codec
+from .checkpointing.pretrained import Pretrained, load_pretrained, read_pretrained
 from .checkpointing.store import (
     Checkpointed,
     Checkpointer,
@@ -193,6 +195,7 @@ class Trainer:
         self.tracker: BackgroundTracker | None = None
         self.preemption = PreemptionGuard(self.accelerator)
         self.fid: TrainingFID | None = None
+        self.init_source: Pretrained | None = None  # model.init_from, when this run started from it
         self.config_changes: dict[str, tuple[Any, Any]] = {}
         self.history: list[dict[str, float]] = []
         self.metrics_log = JsonLines(self.output_dir / "metrics.jsonl")
@@ -221,6 +224,7 @@ class Trainer:
         latent_size = cfg.data.image_size // self.codec.downsample
         if model is None:
             model = build_denoiser(cfg, self.codec.channels, latent_size)
+            self._init_from_pretrained(model)
         self.ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
         if cfg.model.compile != "none":  # after the EMA copy, which only samples
             model.compile_for_training(cfg.model.compile)
@@ -243,6 +247,23 @@ class Trainer:
         adversary_params = sum(p.numel() for a in adversaries.values() for p in a.net.parameters())
         self.checkpointer = Checkpointer(content, self.output_dir, cfg.train.ckpt_every, cfg.train.keep_last,
                                          CHECKPOINT_BYTES_PER_PARAM * (self.num_params + adversary_params))
+
+    def _will_resume(self) -> bool:
+        if self.resume == "none":
+            return False
+        return self.resume != "auto" or bool(complete_checkpoints(checkpoint_dir(self.output_dir)))
+
+    def _init_from_pretrained(self, model: torch.nn.Module) -> None:
+        """model.init_from, on a fresh start only (a resumed run reads its own checkpoint): the
+        published weights before the EMA copy is taken, so the EMA starts from them too."""
+        m = self.cfg.model
+        if m.init_from is None or self._will_resume():
+            return
+        source = read_pretrained(m.init_from, m.init_entry)
+        num_heads = resolve_size(m.arch, m.depth, m.hidden_size, m.num_heads)[0].num_heads
+        notes = load_pretrained(model, source, num_heads)
+        self.init_source = source
+        logger.info("denoiser initialised from %s%s", source.describe(), "".join(f"; {n}" for n in notes))
 
     def _check_resumed_config(self, meta: dict[str, Any]) -> None:
         saved_world = meta.get("world_size", self.accelerator.num_processes)
@@ -279,6 +300,9 @@ class Trainer:
                 tracker.log_params(flatten(cfg))
                 tracker.log_params({"model.num_params": self.num_params,
                                     "world_size": self.accelerator.num_processes})
+                if self.init_source is not None:
+                    tracker.log_params({"model.init_from.sha256": self.init_source.sha256,
+                                        "model.init_from.format": self.init_source.format})
                 tracker.log_artifact(self.output_dir / "config.yaml")
             else:
                 backlog = {series: unsent_rows(tracker, log.rows())

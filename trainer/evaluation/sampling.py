@@ -30,8 +30,10 @@ from torch import nn
 from tqdm import tqdm
 
 from ...models.diffusion import Generators
+from ...models.dit import resolve_size
 from ...models.vae import PixelCodec, SDVAECodec, load_codec
 from ..checkpointing.export import ema_state, raw_state
+from ..checkpointing.pretrained import load_pretrained, network_settings, read_pretrained
 from ..checkpointing.store import META, CheckpointError, read_meta
 from ..config import Config, ConfigError, load_config, unflatten
 from ..objectives import build_denoiser, objective_class
@@ -213,38 +215,56 @@ class Sampler:
             yield batch, quantize(images)
 
 
-def recorded_config(source: str | Path) -> dict[str, Any]:
-    """The flattened config a checkpoint folder (meta.json) or an exported file recorded."""
-    source = Path(source)
+def is_advdit_source(source: Path) -> bool:
+    """A checkpoint folder (meta.json) or a file of ``advdit export``; anything else is read as
+    published DiT weights (trainer/checkpointing/pretrained.py)."""
     if source.is_dir():
-        if not (source / META).is_file():
-            raise CheckpointError(f"{source} is not a complete checkpoint folder (no {META})")
-        return read_meta(source)["config"]
+        return (source / META).is_file()
     if source.suffix != ".safetensors" or not source.is_file():
-        raise CheckpointError(f"{source} is neither a checkpoint folder nor an exported .safetensors file")
+        return False
     with safe_open(str(source), "pt") as handle:
-        metadata = handle.metadata() or {}
-    if "advdit_config" not in metadata:
-        raise CheckpointError(f"{source} carries no advdit_config metadata (write it with advdit export)")
-    return json.loads(metadata["advdit_config"])
+        return "advdit_config" in (handle.metadata() or {})
 
 
-def denoiser_weights(source: Path, weights: str) -> dict[str, torch.Tensor]:
-    """EMA (default) or raw weights of a checkpoint folder; an exported file holds one of them."""
+def recorded_config(source: str | Path, weights: str = "ema", vae: str | None = None) -> dict[str, Any]:
+    """The flattened config a checkpoint folder (meta.json) or an exported file recorded; for
+    published weights, the keys that build their network (with ``vae`` as their codec)."""
+    source = Path(source)
+    if not is_advdit_source(source):
+        return network_settings(read_pretrained(source, init_entry(weights)), vae)
     if source.is_dir():
-        return ema_state(source) if weights == "ema" else raw_state(source)
+        return read_meta(source)["config"]
+    with safe_open(str(source), "pt") as handle:
+        return json.loads(handle.metadata()["advdit_config"])
+
+
+def init_entry(weights: str) -> str:
+    """``--weights ema|raw`` as the entry of an official training checkpoint."""
+    return "ema" if weights == "ema" else "model"
+
+
+def load_denoiser_weights(model: nn.Module, source: Path, weights: str, num_heads: int) -> None:
+    """EMA (default) or raw weights of a checkpoint folder or export, or published weights,
+    into ``model``; an exported file holds one of EMA and raw."""
+    if not is_advdit_source(source):
+        load_pretrained(model, read_pretrained(source, init_entry(weights)), num_heads)
+        return
+    if source.is_dir():
+        model.load_state_dict(ema_state(source) if weights == "ema" else raw_state(source))
+        return
     with safe_open(str(source), "pt") as handle:
         stored = (handle.metadata() or {}).get("weights", "ema")
     if stored != weights:
         raise CheckpointError(f"{source} holds the {stored} weights, {weights} were asked for")
-    return load_file(str(source))
+    model.load_state_dict(load_file(str(source)))
 
 
 def sampling_config(source: str | Path, sampler: str | None = None, steps: int | None = None,
                     cfg_scale: float | None = None, vae: str | None = None,
-                    precision: str = "fp32", cfg_channels: int | str | None = None) -> Config:
+                    precision: str = "fp32", cfg_channels: int | str | None = None,
+                    weights: str = "ema") -> Config:
     """The recorded config with the sampling settings replaced; DDGAN samples with NFE = its T."""
-    recorded = recorded_config(source)
+    recorded = recorded_config(source, weights, vae)
     asked = {"sample.sampler": sampler, "sample.steps": steps, "sample.cfg_scale": cfg_scale,
              "sample.cfg_channels": cfg_channels}
     asked = {key: value for key, value in asked.items() if value is not None}
@@ -266,14 +286,14 @@ def sampling_config(source: str | Path, sampler: str | None = None, steps: int |
 def load_sampler(source: str | Path, cfg: Config, weights: str = "ema") -> tuple[Sampler, Accelerator]:
     """The denoiser of a checkpoint or export with ``weights``, on this rank's device; builds the
     process group when run under torchrun."""
-    source = Path(source)
-    state = denoiser_weights(source, weights)
     accelerator = make_accelerator(cfg)
     device = accelerator.device
     codec = load_codec(cfg.vae).to(device)
     latent_size = cfg.data.image_size // codec.downsample
     model = build_denoiser(cfg, codec.channels, latent_size)
-    model.load_state_dict(state)
+    m = cfg.model
+    num_heads = resolve_size(m.arch, m.depth, m.hidden_size, m.num_heads)[0].num_heads
+    load_denoiser_weights(model, Path(source), weights, num_heads)
     model.to(device).eval().requires_grad_(False)
     sample_latents = objective_class(cfg.objective).sampler(cfg, codec.channels, latent_size)
     return Sampler(model, sample_latents, codec, device, accelerator.autocast), accelerator
