@@ -331,7 +331,9 @@ def test_an_installed_wheel_resolves_presets_by_name(installed: Path, tmp_path: 
     fixture = REPO / "tests" / "data" / "imagenet256_dit_xl2_ddgan.json"
     assert resolved(load_config(None, base=shown)) == frozen(fixture)
     done = run_installed(installed, tmp_path, "config", "show", "--config", "methods/gan")
-    assert done.returncode == 2 and "presets: demo, imagenet/256," in done.stderr
+    # The wheel ships every preset of the checkout, also those one folder down (finetune/...).
+    assert done.returncode == 2 and f"presets: {', '.join(preset_names())})" in done.stderr
+    assert "presets: demo, finetune/imagenet256, finetune/imagenet512, imagenet/256," in done.stderr
 
 
 def test_an_installed_wheel_renders_a_slurm_job(installed: Path, tmp_path: Path) -> None:
