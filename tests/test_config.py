@@ -165,6 +165,17 @@ def test_non_finite_and_out_of_range_values_fail_before_the_run_folder(
 
 # ---------------------------------------------------------------------- recipes and composition
 RECIPES = sorted((REPO / "tests" / "data").glob("imagenet*.json"))
+# From scratch, imagenet{256,512}_dit_xl2_{method}; and from the official DiT-XL/2 weights, the
+# same name + _finetune (configs/finetune/ adds the fine-tuning settings).
+FINETUNE = [fixture for fixture in RECIPES if fixture.stem.endswith("_finetune")]
+SCRATCH = [fixture for fixture in RECIPES if fixture not in FINETUNE]
+RECIPE_NAME = re.compile(r"imagenet(\d+)_dit_xl2_(\w+?)(_finetune)?")
+# The keys each fine-tune recipe sets on top of the presets it includes (and what its test
+# composes them with): the adversary's warm-up for SADM, the eps reading of the DiT for DDGAN.
+FINETUNE_METHOD_KEYS = {"sadm": {"sadm.warmup_steps": 5000}, "diffusion_gan": {},
+                        "ddgan": {"ddgan.parameterization": "eps"}}
+# The keys in which every fine-tune recipe differs from its from-scratch recipe.
+FINETUNE_KEYS = {"run.name", "run.output_dir", "model.init_from", "optim.warmup_steps", "train.steps"}
 
 
 def frozen(fixture: Path) -> dict:
@@ -216,13 +227,57 @@ def test_a_key_a_checkpoint_predates_counts_as_its_default() -> None:
     assert changed_keys(saved, shifted) == {"model.timestep_freq_shift": (0, 1)}
 
 
-@pytest.mark.parametrize("fixture", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("fixture", SCRATCH, ids=lambda p: p.stem)
 def test_preset_composition_resolves_as_the_frozen_recipe(fixture: Path) -> None:
     resolution, method = re.fullmatch(r"imagenet(\d+)_dit_xl2_(\w+)", fixture.stem).groups()
     name = f"imagenet{resolution}-dit-xl2-{method}"
     cfg = load_config(["imagenet/base", f"imagenet/{resolution}", f"methods/{method}"],
                       [f"run.name={name}", f"run.output_dir=runs/{name}"])
     assert resolved(cfg) == frozen(fixture)
+
+
+def test_every_recipe_file_has_a_frozen_fixture() -> None:
+    recipes = sorted(path.stem for path in (REPO / "configs").glob("imagenet*_dit_xl2_*.yaml"))
+    assert recipes == [fixture.stem for fixture in RECIPES]
+    assert all(RECIPE_NAME.fullmatch(stem) for stem in recipes)
+    methods = ("sadm", "diffusion_gan", "ddgan")
+    assert sorted(fixture.stem for fixture in FINETUNE) == sorted(
+        f"imagenet{resolution}_dit_xl2_{method}_finetune" for resolution in (256, 512) for method in methods)
+    assert len(SCRATCH) == 8
+
+
+@pytest.mark.parametrize("fixture", FINETUNE, ids=lambda p: p.stem)
+def test_finetune_composition_resolves_as_the_frozen_recipe(fixture: Path) -> None:
+    """A fine-tune recipe is the from-scratch composition, then finetune/imagenetRES, then its
+    method's fine-tuning keys."""
+    resolution, method, _ = RECIPE_NAME.fullmatch(fixture.stem).groups()
+    name = f"imagenet{resolution}-dit-xl2-{method}-finetune"
+    own = [f"{key}={value}" for key, value in FINETUNE_METHOD_KEYS[method].items()]
+    cfg = load_config(["imagenet/base", f"imagenet/{resolution}", f"methods/{method}",
+                       f"finetune/imagenet{resolution}"],
+                      [f"run.name={name}", f"run.output_dir=runs/{name}", *own])
+    assert resolved(cfg) == frozen(fixture)
+
+
+@pytest.mark.parametrize("fixture", FINETUNE, ids=lambda p: p.stem)
+def test_finetune_recipe_starts_from_the_official_weights_and_differs_only_as_intended(
+        fixture: Path) -> None:
+    resolution, method, _ = RECIPE_NAME.fullmatch(fixture.stem).groups()
+    tuned = resolved(load_config(REPO / "configs" / f"{fixture.stem}.yaml"))
+    scratch = resolved(load_config(REPO / "configs" / f"imagenet{resolution}_dit_xl2_{method}.yaml"))
+    # The official release's file of this resolution, read with the official timestep frequencies.
+    assert tuned["model.init_from"] == f"pretrained/DiT-XL-2-{resolution}x{resolution}.pt"
+    assert tuned["model.timestep_freq_shift"] == 0 and tuned["model.init_entry"] == "ema"
+    assert scratch["model.init_from"] is None
+    assert tuned.keys() == scratch.keys()
+    differing = {key for key in tuned if tuned[key] != scratch[key]}
+    assert differing == FINETUNE_KEYS | set(FINETUNE_METHOD_KEYS[method])
+    assert tuned["run.output_dir"] == f"runs/imagenet{resolution}-dit-xl2-{method}-finetune"
+    assert (tuned["optim.warmup_steps"], tuned["train.steps"]) == (2000, 50000)
+    for key, value in FINETUNE_METHOD_KEYS[method].items():
+        assert tuned[key] == value
+    # What stays as DiT trained the released weights: the rate and the EMA.
+    assert (tuned["optim.lr"], tuned["train.ema_decay"], tuned["train.ema_warmup"]) == (1e-4, 0.9999, False)
 
 
 def test_later_config_files_override_earlier_ones_and_overrides_both(tmp_path: Path) -> None:
@@ -331,7 +386,9 @@ def test_an_installed_wheel_resolves_presets_by_name(installed: Path, tmp_path: 
     fixture = REPO / "tests" / "data" / "imagenet256_dit_xl2_ddgan.json"
     assert resolved(load_config(None, base=shown)) == frozen(fixture)
     done = run_installed(installed, tmp_path, "config", "show", "--config", "methods/gan")
-    assert done.returncode == 2 and "presets: demo, imagenet/256," in done.stderr
+    # The wheel ships every preset of the checkout, also those one folder down (finetune/...).
+    assert done.returncode == 2 and f"presets: {', '.join(preset_names())})" in done.stderr
+    assert "presets: demo, finetune/imagenet256, finetune/imagenet512, imagenet/256," in done.stderr
 
 
 def test_an_installed_wheel_renders_a_slurm_job(installed: Path, tmp_path: Path) -> None:
