@@ -254,3 +254,21 @@ def test_advdit_sample_draws_from_published_weights_without_a_run(
                  "--cfg-scale", "1.5", "--npz", str(npz)]) == 0
     with np.load(npz) as samples:
         assert samples["arr_0"].shape == (3, 16, 16, 3) and samples["arr_1"].tolist() == [0, 1, 2]
+
+
+def test_a_named_size_is_recognised_and_its_image_size_follows_grid_and_vae(tmp_path: Path) -> None:
+    """An official file records neither its size's name nor its head count: both follow from the
+    depth and width of a named size; the image size from the position table and the VAE's
+    downsampling (8 for the SD-VAE's four resolution levels)."""
+    from advdit.trainer.checkpointing.pretrained import network_settings
+
+    file = tmp_path / "DiT-S-2-256.pt"
+    torch.save(advdit_to_official(build_dit("DiT-S/2", input_size=32, num_classes=1000).state_dict()), file)
+    sd_vae = tmp_path / "sd-vae"
+    sd_vae.mkdir()
+    (sd_vae / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
+    settings = network_settings(read_pretrained(file), str(sd_vae))
+    assert settings == {"objective": "dit", "vae": str(sd_vae), "model.arch": "DiT-S/2",
+                        "model.num_classes": 1000, "model.learn_sigma": True, "data.image_size": 256}
+    with pytest.raises(PretrainedError, match="pass --vae DIR"):
+        network_settings(read_pretrained(file), None)
