@@ -62,6 +62,8 @@ class JobSpec:
     env: list[str] = field(default_factory=list)
     sbatch_options: list[str] = field(default_factory=list)
     srun_options: list[str] = field(default_factory=list)
+    # Resume a checkpoint whose config differs (e.g. data.batch_size after a move to more nodes).
+    allow_config_change: bool = False
 
     def processes_per_node(self) -> int:
         return self.procs_per_node or max(self.gpus_per_node, 1)
@@ -148,7 +150,8 @@ def _launch_command(spec: JobSpec, cfg: Config, configs: list[str], overrides: l
     rendezvous = ('--machine_rank "$SLURM_NODEID" --main_process_ip "$MASTER_ADDR" '
                   '--main_process_port "$MASTER_PORT"')
     config_options = [word for config in configs for word in ("--config", config)]
-    train = ["-m", "advdit.launchers.cli", "train", *config_options, *overrides]
+    allow = ["--allow-config-change"] if spec.allow_config_change else []
+    train = ["-m", "advdit.launchers.cli", "train", *config_options, *allow, *overrides]
     return f"{shlex.join(launcher)} \\\n        {rendezvous} \\\n        {shlex.join(train)}"
 
 
@@ -288,7 +291,7 @@ def _spec(args: argparse.Namespace) -> JobSpec:
                    account=args.account, qos=args.qos, constraint=args.constraint,
                    job_name=args.job_name, chdir=args.chdir, signal_seconds=args.signal_seconds,
                    setup=args.setup, env=args.env, sbatch_options=args.sbatch_option,
-                   srun_options=args.srun_option)
+                   srun_options=args.srun_option, allow_config_change=args.allow_config_change)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -341,6 +344,9 @@ def _add_submit_parser(commands: argparse._SubParsersAction) -> None:
                         help="an extra #SBATCH option, e.g. --exclusive or --mem=0 (repeatable)")
     parser.add_argument("--srun-option", action="append", default=[], metavar="OPTION",
                         help="an extra srun option, e.g. --container-image=... (repeatable)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume a checkpoint whose config differs (advdit train's flag), e.g. a smaller "
+                             "data.batch_size after moving to more nodes")
     parser.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     parser.set_defaults(func=_submit)

@@ -36,6 +36,18 @@ def rendered(capsys: pytest.CaptureFixture, args: list[str]) -> str:
     return capsys.readouterr().out
 
 
+def test_a_job_moved_to_more_nodes_may_resume_with_a_smaller_per_process_batch(
+        capsys: pytest.CaptureFixture) -> None:
+    script = rendered(capsys, ["--nodes", "8", "--allow-config-change", "--config", "imagenet256_dit_xl2_dit",
+                               "data.batch_size=4"])
+    launch = shlex.split(re.search(r"exec (accelerate launch .*?)\n\}", script, re.DOTALL).group(1)
+                         .replace("\\\n", " "))
+    assert launch[launch.index("--num_processes") + 1] == "64"
+    preset = "imagenet256_dit_xl2_dit"
+    assert launch[-4:] == ["--config", preset, "--allow-config-change", "data.batch_size=4"]
+    assert "--allow-config-change" not in rendered(capsys, ["--nodes", "4", "--config", preset])
+
+
 def test_dry_run_renders_a_requeueable_four_node_job(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     script = rendered(capsys, ["--nodes", "4", "--gpus-per-node", "8", "--time", "24:00:00",
                                "--partition", "gpu", "--env", "NCCL_SOCKET_IFNAME=ib0",

@@ -27,12 +27,22 @@ from .checkpointing.store import (
     changed_keys,
     checkpoint_dir,
     complete_checkpoints,
+    read_meta,
     record_stop,
     remove_stale_tmp,
     resume_from,
 )
 from .config import Config, config_hash, dump_yaml, flatten
-from .data import StreamSpec, build_loader, check_manifest, next_batch, normalize_images, resolve_shards
+from .data import (
+    DataError,
+    StreamSpec,
+    build_loader,
+    check_manifest,
+    next_batch,
+    normalize_images,
+    resolve_shards,
+)
+from .data.layout import DataPosition, rebase, shards_digest
 from .ema import EMA
 from .evaluation.fid import metric_name
 from .evaluation.sampling import EvaluationInterrupted, GridWriter, Sampler, TrainingFID
@@ -46,7 +56,7 @@ from .objectives.base import (
     diffusion_of,
     step_rng,
 )
-from .runtime.distributed import all_ranks, from_main
+from .runtime.distributed import all_ranks, from_main, gather_objects
 from .runtime.engines import make_accelerator
 from .runtime.preemption import PreemptionGuard
 from .runtime.runlock import RunLock, RunLockedError
@@ -195,6 +205,8 @@ class Trainer:
         self.tracker: BackgroundTracker | None = None
         self.preemption = PreemptionGuard(self.accelerator)
         self.fid: TrainingFID | None = None
+        self.resumed_meta: dict[str, Any] | None = None  # meta.json of the checkpoint resumed
+        self.data_position: DataPosition | None = None  # set when training starts
         self.init_source: Pretrained | None = None  # model.init_from, when this run started from it
         self.config_changes: dict[str, tuple[Any, Any]] = {}
         self.history: list[dict[str, float]] = []
@@ -267,14 +279,11 @@ class Trainer:
 
     def _check_resumed_config(self, meta: dict[str, Any]) -> None:
         saved_world = meta.get("world_size", self.accelerator.num_processes)
-        sharded = meta.get("config", {}).get("distributed.strategy", "ddp") != "ddp"
-        if sharded and saved_world != self.accelerator.num_processes:
-            raise CheckpointError(
-                f"checkpoint {meta['step']} was written by {saved_world} processes with sharded "
-                f"(ZeRO) state, this run has {self.accelerator.num_processes}: resume with --nproc "
-                f"{saved_world}, or start a new run from its consolidated weights (advdit export "
-                "CHECKPOINT --weights raw)"
-            )
+        if saved_world != self.accelerator.num_processes:
+            logger.warning("checkpoint %d was written by %d processes, this run has %d: the model, "
+                           "optimizer and schedules continue (ZeRO partitions re-cut); the data stream "
+                           "continues in the new layout (docs/architecture.md, 'Elastic resume')",
+                           meta["step"], saved_world, self.accelerator.num_processes)
         changes = changed_keys(meta.get("config", {}), flatten(self.cfg))
         if changes and not self.allow_config_change:
             listing = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
@@ -369,6 +378,8 @@ class Trainer:
         meta = {"config": flatten(self.cfg), "config_hash": config_hash(self.cfg),
                 "mlflow_run_id": self.state.mlflow_run_id, "images_seen": self.state.images_seen,
                 "world_size": self.accelerator.num_processes, "stopped_by": self.preemption.stopped_by}
+        if self.data_position is not None:
+            meta["data"] = self.data_position.to_json()
         path = self.checkpointer.save(self.state.step, meta)
         logger.info("checkpoint %s", path)
         return path
@@ -449,6 +460,7 @@ class Trainer:
         self.build()
         resumed = resume_from(self.checkpointer.content, self.resume, self.output_dir,
                               self._check_resumed_config)
+        self.resumed_meta = read_meta(resumed) if resumed else None
         if accelerator.is_main_process:
             self._truncate_logs()
         self._open_tracker()
@@ -541,14 +553,37 @@ class Trainer:
             record_stop(checkpoint, self.preemption.stopped_by)
         return window, checkpoint
 
+    def _data_position(self, spec: StreamSpec) -> DataPosition:
+        """The resumed checkpoint's data layout, re-based when this run has another one (another
+        world size or data.num_workers; trainer/data/layout.py); a fresh run's own."""
+        world, workers = self.accelerator.num_processes, self.cfg.data.num_workers
+        meta = self.resumed_meta
+        if meta is None:
+            return DataPosition(world, workers, spec.batch_size, shards_digest=shards_digest(spec.shards))
+        saved = meta.get("config", {})
+        position = (DataPosition.from_json(meta["data"]) if meta.get("data") else
+                    DataPosition(meta.get("world_size", world), saved.get("data.num_workers", workers),
+                                 saved.get("data.batch_size", spec.batch_size)))
+        if position.same_layout(world, workers):
+            return position
+        if position.remainder and position.shards_digest != shards_digest(spec.shards):
+            raise DataError("data.shards changed since the checkpoint, whose data position (left over "
+                            "from an earlier change of world size) names shards by their place in the "
+                            "list; resume with the same data.shards and process count first")
+        logger.info("data layout %d x %d -> %d x %d: finishing each stream's epoch first",
+                    position.world_size, position.num_workers, world, workers)
+        return rebase(spec, position, self.state.step, world, workers, self.accelerator.process_index,
+                      world, gather_objects)
+
     def _train(self, shards: list[str]) -> tuple[Path | None, Path | None]:
         cfg, accelerator = self.cfg, self.accelerator
         spec = StreamSpec(shards=shards, seed=cfg.run.seed, batch_size=cfg.data.batch_size,
                           shuffle_buffer=cfg.data.shuffle_buffer, image_size=cfg.data.image_size,
                           num_classes=cfg.model.num_classes, random_flip=cfg.data.random_flip,
                           latent_size=cfg.data.image_size // self.codec.downsample)
+        position = self.data_position = self._data_position(spec)
         loader = build_loader(spec, accelerator.process_index, accelerator.num_processes,
-                              cfg.data.num_workers, start_batch=self.state.step)
+                              cfg.data.num_workers, self.state.step - position.base_step, position)
         bar = tqdm(total=cfg.train.steps, initial=self.state.step, desc="train", unit="step",
                    disable=not (self.progress and accelerator.is_main_process))
         try:  # the bar is closed before an error is printed, so the error is the last line

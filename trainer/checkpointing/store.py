@@ -26,17 +26,15 @@ DeepSpeed's plain record classes).
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import importlib
 import json
 import logging
 import os
 import re
 import shutil
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,31 +49,17 @@ from ..config import Config, flatten, resume_changeable_keys
 from ..ema import EMA
 from ..runtime.distributed import all_ranks, from_main, merged, world
 from ..runtime.files import file_sha256, write_json_atomic, write_text_atomic
+from .elastic import needs_resharding, reshard_dir, universal_loading, universal_view
+from .safe_load import DEEPSPEED_TAG, CheckpointError, weights_only_loads
 
 logger = logging.getLogger(__name__)
 
 META = "meta.json"
 EMA_FILE = "ema.safetensors"
 DENOISER_FILE = "model.safetensors"  # accelerate's name for model 0 outside DeepSpeed
-DEEPSPEED_TAG = "pytorch_model"  # the sub-folder accelerate gives the first DeepSpeed engine
 FORMAT = 2  # 1: EMA and counters as pickles (custom_checkpoint_*.pkl), refused since they can run code
 LEGACY_PICKLES = "custom_checkpoint_*.pkl"
 STEP_DIR = re.compile(r"^step_(\d+)$")
-# Plain record classes inside DeepSpeed's ZeRO optimizer states: an enum, a dataclass of two ints
-# and the loss scalers (static, and dynamic for fp16), whose state is numbers and a dtype. The
-# weights-only unpickler may build these and nothing else of DeepSpeed's.
-DEEPSPEED_RECORDS = (
-    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
-    ("deepspeed.utils.tensor_fragment", "fragment_address"),
-    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
-)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used for the requested resume, or cannot be written."""
-
-
 @dataclass
 class TrainState:
     """The loop's counters, stored in every checkpoint's meta.json."""
@@ -173,32 +157,6 @@ def remove_stale_tmp(output_dir: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- safe reading
-
-@contextmanager
-def weights_only_loads() -> Iterator[None]:
-    """Hold every ``torch.load`` in the block to the weights-only unpickler, whatever its caller
-    asks for: accelerate reads custom objects and DeepSpeed reads its shards with
-    ``weights_only=False``, which would run any code a crafted file carries."""
-    original = torch.load
-
-    def load(*args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
-
-    allowed = []
-    # Only a run that uses DeepSpeed has its files; importing it otherwise would cost seconds.
-    for module, name in DEEPSPEED_RECORDS if "deepspeed" in sys.modules else ():
-        try:
-            allowed.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):  # another DeepSpeed version
-            continue
-    torch.load = load
-    try:
-        with torch.serialization.safe_globals(allowed):
-            yield
-    finally:
-        torch.load = original
-
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file; a CheckpointError names it when unreadable."""
@@ -414,10 +372,32 @@ def verify(path: Path, meta: dict[str, Any], prefix: str = "") -> None:
 def load_checkpoint(content: Checkpointed, path: Path, meta: dict[str, Any]) -> None:
     """Verify ``path`` against its checksums, then load it into ``content`` (on every rank)."""
     verify(path, meta)
-    with weights_only_loads():
-        content.accelerator.load_state(str(path))
-        for name, part in content.parts.items():
-            part.load_state(str(path / name))
+    accelerators = [content.accelerator, *content.parts.values()]
+    resharding = needs_resharding(content.accelerator, meta)
+    source = reshard_dir(path) if resharding else path
+    if resharding:
+        logger.info("re-partitioning the ZeRO state of %s (written by %d processes) for %d",
+                    path, meta["world_size"], content.accelerator.num_processes)
+        failure = None
+        if content.accelerator.is_main_process:
+            try:
+                universal_view(path, list(content.parts), source)
+            except CheckpointError as err:
+                failure = str(err)
+        if (failure := from_main(failure)) is not None:  # every rank learns of it, and waits for it
+            raise CheckpointError(failure)
+    try:
+        with weights_only_loads(), universal_loading(accelerators if resharding else []):
+            content.accelerator.load_state(str(source))
+            for name, part in content.parts.items():
+                part.load_state(str(source / name))
+    finally:
+        if resharding:
+            content.accelerator.wait_for_everyone()
+            if content.accelerator.is_main_process:
+                shutil.rmtree(source, ignore_errors=True)
+                with contextlib.suppress(OSError):  # the .reshard folder, once it is empty
+                    source.parent.rmdir()
     load_ema(content.ema, path / EMA_FILE)
     content.state.load(meta["state"])
     states = saved_objective_states(meta, content)

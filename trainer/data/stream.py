@@ -24,7 +24,7 @@ import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .decode import decode_sample
 from .errors import DataError
 from .tar import iter_records
+
+if TYPE_CHECKING:
+    from .layout import DataPosition
 
 logger = logging.getLogger(__name__)
 
@@ -70,29 +73,70 @@ def shuffled(records: Iterator[dict[str, Any]], buffer_size: int,
     yield from buffer
 
 
-def raw_batches(spec: StreamSpec, stream_id: int) -> Iterator[tuple[list[dict[str, Any]], int]]:
+def stream_shards(shards: list[str], stream_id: int, streams: int) -> list[str]:
+    """The shards logical stream ``stream_id`` of ``streams`` owns."""
+    return shards[stream_id::streams]
+
+
+def epoch_records(spec: StreamSpec, shards: list[str], stream_id: int, epoch: int, layout_id: int,
+                  skipped: list[str], read: Any = iter_records) -> Iterator[dict[str, Any]]:
+    """One epoch of a stream's raw records: its shards in a seeded order, through the seeded
+    shuffle buffer. Layout 0 keeps the seeds of every run so far; a re-based layout (another world
+    size, see layout.py) mixes its number in."""
+    parts = (spec.seed, stream_id, epoch) if not layout_id else (spec.seed, stream_id, epoch, layout_id)
+    rng = random.Random(_stream_seed(*parts))
+    order = list(shards)
+    rng.shuffle(order)
+    yield from shuffled(read(order, skipped), spec.shuffle_buffer, rng)
+
+
+def share_records(all_shards: list[str], share: list[tuple[int, str, int]]) -> Iterator[dict[str, Any]]:
+    """The records a stream inherits from an earlier layout (layout.py), shard by shard."""
+    wanted: dict[int, set[int]] = {}
+    for shard, _key, index in share:
+        wanted.setdefault(shard, set()).add(index)
+    for shard in sorted(wanted):
+        for index, record in enumerate(iter_records([all_shards[shard]])):
+            if index in wanted[shard]:
+                yield record
+
+
+def consumed_batches(batches: int, local: int, per_rank: int) -> int:
+    """Batches stream ``local`` (of ``per_rank`` on its rank) has handed out when its rank has
+    consumed ``batches``: batch k of a rank comes from stream k mod per_rank."""
+    return max(0, -(-(batches - local) // per_rank))
+
+
+Records = Iterator[dict[str, Any]]
+
+
+def raw_batches(spec: StreamSpec, stream_id: int, layout_id: int = 0,
+                inherited: Records | None = None) -> Iterator[tuple[list[dict[str, Any]], int]]:
     """Endless (``batch_size`` raw records, shards skipped since the last batch) of one logical
-    stream, epoch after epoch. An epoch without a single readable record is a DataError: the
-    stream would otherwise spin forever."""
+    stream: the records it inherits from an earlier layout, then epoch after epoch. An epoch
+    without a single readable record is a DataError: the stream would otherwise spin forever."""
     pending: list[dict[str, Any]] = []
     skipped: list[str] = []
     reported = 0
-    for epoch in range(1 << 62):
-        rng = random.Random(_stream_seed(spec.seed, stream_id, epoch))
-        order = list(spec.shards)
-        rng.shuffle(order)
-        records = 0
-        for record in shuffled(iter_records(order, skipped), spec.shuffle_buffer, rng):
-            records += 1
-            pending.append(record)
-            if len(pending) == spec.batch_size:
-                yield pending, len(skipped) - reported
-                reported = len(skipped)
-                pending = []
-        if not records:
-            reasons = "; ".join(skipped[-len(order):]) or "no samples in them"
-            raise DataError(f"shards {', '.join(order)} yield no readable sample ({reasons}); "
-                            "rewrite or remove them")
+
+    def epochs() -> Iterator[dict[str, Any]]:
+        yield from inherited or ()
+        for epoch in range(1 << 62):
+            records = 0
+            for record in epoch_records(spec, spec.shards, stream_id, epoch, layout_id, skipped):
+                records += 1
+                yield record
+            if not records:
+                reasons = "; ".join(skipped[-len(spec.shards):]) or "no samples in them"
+                raise DataError(f"shards {', '.join(spec.shards)} yield no readable sample ({reasons}); "
+                                "rewrite or remove them")
+
+    for record in epochs():
+        pending.append(record)
+        if len(pending) == spec.batch_size:
+            yield pending, len(skipped) - reported
+            reported = len(skipped)
+            pending = []
 
 
 def collate(spec: StreamSpec, records: list[dict[str, Any]], flip_seed: int) -> dict[str, Any]:
@@ -145,12 +189,13 @@ class ShardStream(IterableDataset):
     """Yields whole decoded batches; see the module docstring for the resume contract."""
 
     def __init__(self, spec: StreamSpec, rank: int, world_size: int, num_workers: int,
-                 start_batch: int = 0) -> None:
+                 start_batch: int = 0, position: DataPosition | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.rank = rank
         self.streams_per_rank = max(num_workers, 1)
-        self.start_batch = start_batch
+        self.start_batch = start_batch  # batches this rank consumed since its layout began
+        self.position = position  # what earlier layouts left over; None for a run's first layout
         total = world_size * self.streams_per_rank
         if len(spec.shards) < total:
             raise DataError(
@@ -165,10 +210,15 @@ class ShardStream(IterableDataset):
         worker = info.id if info is not None else 0
         local = (worker + self.start_batch) % self.streams_per_rank
         stream_id = self.rank * self.streams_per_rank + local
-        spec = dataclasses.replace(self.spec, shards=self.spec.shards[stream_id :: self.total_streams])
+        own = stream_shards(self.spec.shards, stream_id, self.total_streams)
+        spec = dataclasses.replace(self.spec, shards=own)
+        layout_id, inherited = 0, None
+        if self.position is not None:
+            layout_id = self.position.layout_id
+            inherited = share_records(self.spec.shards, self.position.share(stream_id))
         # Batches this stream handed out before the restart: k < start_batch with k % W == local.
-        already = max(0, -(-(self.start_batch - local) // self.streams_per_rank))
-        for index, (records, skipped) in enumerate(raw_batches(spec, stream_id)):
+        already = consumed_batches(self.start_batch, local, self.streams_per_rank)
+        for index, (records, skipped) in enumerate(raw_batches(spec, stream_id, layout_id, inherited)):
             if index < already:
                 continue
             batch = collate(spec, records, _stream_seed(self.spec.seed, stream_id, index, 1))
@@ -189,8 +239,9 @@ def next_batch(batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_loader(spec: StreamSpec, rank: int, world_size: int, num_workers: int,
-                 start_batch: int = 0) -> DataLoader:
-    """An endless DataLoader of batches, positioned after ``start_batch`` batches of this rank."""
-    dataset = ShardStream(spec, rank, world_size, num_workers, start_batch)
+                 start_batch: int = 0, position: DataPosition | None = None) -> DataLoader:
+    """An endless DataLoader of batches, positioned after ``start_batch`` batches of this rank in
+    the layout of ``position`` (layout.py)."""
+    dataset = ShardStream(spec, rank, world_size, num_workers, start_batch, position)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers,
                       persistent_workers=False, pin_memory=torch.cuda.is_available())

@@ -45,3 +45,13 @@ def from_main(value: object) -> object:
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def gather_objects(value: object) -> list[object]:
+    """Every rank's ``value``, in rank order, on every rank (an all-gather of picklable objects
+    this program made itself)."""
+    if world()[1] == 1:
+        return [value]
+    gathered: list[object] = [None] * world()[1]
+    dist.all_gather_object(gathered, value)
+    return gathered
