@@ -48,7 +48,9 @@ setup(
     ],
     extras_require={
         "gpu": ["xformers>=0.0.28"],
-        "dev": ["pytest>=8.0", "ruff>=0.6"],
+        # `advdit data digits`: the UCI handwritten digits bundled with scikit-learn (no download)
+        "digits": ["scikit-learn>=1.3"],
+        "dev": ["pytest>=8.0", "ruff>=0.6", "scikit-learn>=1.3"],
     },
     entry_points={"console_scripts": ["advdit = advdit.launchers.cli:main"]},
 )

@@ -1,7 +1,8 @@
-"""``advdit data demo|imagenet|latents|bench``: argument parsing; the work is in
+"""``advdit data demo|digits|imagenet|latents|bench``: argument parsing; the work is in
 ``advdit.trainer.data``.
 
     advdit data demo --out data/demo/train
+    advdit data digits --out data/digits          # data/digits/train and data/digits/heldout
     advdit data imagenet --source /datasets/ILSVRC2012 --out data/imagenet256/train --size 256
     advdit data latents --source data/imagenet256/train --out data/imagenet256/latents \\
         --vae /models/sd-vae-ft-ema --image-size 256
@@ -23,6 +24,7 @@ def add_data_parser(commands: Any) -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="write data sets as webdataset shards")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     _add_demo_parser(data_commands)
+    _add_digits_parser(data_commands)
     add_imagenet_parser(data_commands)
     _add_bench_parser(data_commands)
     _add_latents_parser(data_commands)
@@ -45,6 +47,27 @@ def _demo(args: argparse.Namespace) -> int:
     manifest = write_demo_shards(args.out, num_images=args.num_images, image_size=args.image_size,
                                  samples_per_shard=args.samples_per_shard, seed=args.seed)
     print(f"wrote {manifest['num_samples']} images in {len(manifest['shards'])} shards to {args.out}")
+    return 0
+
+
+def _add_digits_parser(data_commands: Any) -> None:
+    digits = data_commands.add_parser(
+        "digits", help="scikit-learn's bundled UCI handwritten digits (real images, offline) as "
+                       "train/ and heldout/ shards")
+    digits.add_argument("--out", default="data/digits", help="writes OUT/train and OUT/heldout")
+    digits.add_argument("--image-size", type=int, default=16,
+                        help="a multiple of 8: the 8x8 digits upscaled by pixel repetition (default 16)")
+    digits.add_argument("--heldout-fraction", type=float, default=0.2, help="of each class (stratified)")
+    digits.add_argument("--seed", type=int, default=0, help="of the split")
+    digits.set_defaults(func=_digits)
+
+
+def _digits(args: argparse.Namespace) -> int:
+    from ..trainer.data.digits import write_digit_shards
+
+    manifests = write_digit_shards(args.out, args.image_size, args.heldout_fraction, args.seed)
+    counts = ", ".join(f"{split} {m['num_samples']}" for split, m in manifests.items())
+    print(f"wrote the digits ({counts} images, {args.image_size}x{args.image_size}) to {args.out}")
     return 0
 
 
