@@ -23,6 +23,7 @@ from ..trainer.runtime.runlock import RunLockedError
 from ..trainer.tracking import TrackingError
 from .bench import add_training_bench_parser
 from .data import add_data_parser
+from .digits import add_digits_parser
 from .fid import add_fid_parser
 from .options import add_config_option
 from .relaunch import relaunch
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_toy_parser(commands)
     add_sample_parser(commands)
     add_fid_parser(commands)
+    add_digits_parser(commands)
     add_training_bench_parser(commands)
     add_slurm_parser(commands)
     return parser

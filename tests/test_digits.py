@@ -1,18 +1,26 @@
 """``advdit data digits``: scikit-learn's bundled handwritten digits as train and held-out shards
-that the trainer's own reader decodes back to the original images."""
+that the trainer's own reader decodes back to the original images; the digits evaluator (a fixed
+classifier: FID in its feature space, class consistency, precision and recall)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from advdit.launchers.cli import main
 from advdit.trainer.data import DataError, decode_sample, iter_records, resolve_shards
 from advdit.trainer.data.digits import load_digit_arrays
+from advdit.trainer.evaluation.digits import score_digits
+from advdit.trainer.evaluation.fid import FidError
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +61,61 @@ def test_without_scikit_learn_the_error_names_the_extra(monkeypatch: pytest.Monk
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # what an absent package raises
     with pytest.raises(DataError, match=r"pip install 'advdit\[digits\]'"):
         load_digit_arrays()
+
+
+# ---------------------------------------------------------------------- the evaluator
+@pytest.fixture(scope="module")
+def classifier(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("classifier")
+    assert main(["digits", "classifier", "--data", str(digits_dir), "--out", str(out)]) == 0
+    return out / "digits-classifier.json"
+
+
+def heldout(digits_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from advdit.trainer.evaluation.digits import read_images
+
+    return read_images(digits_dir / "heldout")
+
+
+def test_the_classifier_reads_held_out_digits_and_its_file_is_checked(
+        digits_dir: Path, classifier: Path, tmp_path: Path) -> None:
+    spec = json.loads(classifier.read_text())
+    weights = classifier.with_name(spec["file_name"])
+    assert spec["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    accuracy = float(re.search(r"held-out accuracy (\d\.\d+)", spec["source"]).group(1))
+    assert accuracy > 0.9
+    tampered = tmp_path / "tampered"
+    shutil.copytree(classifier.parent, tampered)
+    with (tampered / spec["file_name"]).open("r+b") as handle:
+        handle.seek(-4, 2)
+        handle.write(b"\0\0\0\0")
+    with pytest.raises(FidError, match="a different or damaged file"):
+        score_digits(*heldout(digits_dir), digits_dir, tampered / classifier.name)
+
+
+def test_scores_separate_real_digits_from_noise_and_from_wrong_labels(
+        digits_dir: Path, classifier: Path) -> None:
+    images, labels = heldout(digits_dir)
+    real = score_digits(images, labels, digits_dir, classifier)
+    assert abs(real.fid) < 1e-6 and real.precision == real.recall == 1.0  # the reference itself
+    assert real.class_consistency > 0.9
+    generator = torch.Generator().manual_seed(0)
+    noise = score_digits(torch.randint(0, 256, images.shape, generator=generator, dtype=torch.uint8),
+                         labels, digits_dir, classifier)
+    assert noise.fid > 100 * max(real.fid, 1.0) and noise.precision < 0.05 and noise.class_consistency < 0.3
+    shuffled = score_digits(images, labels[torch.randperm(len(labels), generator=generator)], digits_dir,
+                            classifier)
+    assert shuffled.class_consistency < 0.3 and shuffled.precision == 1.0  # the images are still real
+
+
+def test_precision_and_recall_count_points_inside_the_other_sets_balls() -> None:
+    from advdit.trainer.evaluation.digits import precision_recall
+
+    # Ten points on a line: the distance to the 3rd neighbour is 2 (3 at the two ends).
+    real = torch.tensor([[float(i), 0.0] for i in range(10)], dtype=torch.float64)
+    fake = torch.tensor([[2.0, 1.0], [5.0, 1.5], [40.0, 0.0], [41.0, 0.0]], dtype=torch.float64)
+    precision, recall = precision_recall(real, fake, k=3)
+    assert precision == 0.5  # the two near the line; the far pair lies in no real ball
+    # Fake radii (3rd neighbour): 39.0, 36.0, 38.0, 39.0: every real point lies in some fake ball.
+    assert recall == 1.0
+    assert precision_recall(real, real[:5] + 100, k=3) == (0.0, 0.0)
