@@ -12,15 +12,20 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
 
 from advdit.launchers.cli import main
+from advdit.trainer.config import ConfigError, load_config
 from advdit.trainer.data import DataError, decode_sample, iter_records, resolve_shards
 from advdit.trainer.data.digits import load_digit_arrays
 from advdit.trainer.evaluation.digits import score_digits
 from advdit.trainer.evaluation.fid import FidError
+from advdit.trainer.loop import train
+
+from helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +124,25 @@ def test_precision_and_recall_count_points_inside_the_other_sets_balls() -> None
     # Fake radii (3rd neighbour): 39.0, 36.0, 38.0, 39.0: every real point lies in some fake ball.
     assert recall == 1.0
     assert precision_recall(real, real[:5] + 100, k=3) == (0.0, 0.0)
+
+
+def test_training_logs_the_class_metrics_with_fid_to_mlflow(
+        tmp_path: Path, digits_dir: Path, classifier: Path, tracking_uri: str) -> None:
+    spec = json.loads(classifier.read_text())
+    cfg = tiny_config(tmp_path / "run", digits_dir / "train", "train.steps=2", "train.ckpt_every=2",
+                      "eval.fid_every=2", "eval.fid_samples=30", f"eval.reference={digits_dir / 'heldout'}",
+                      f"eval.feature_net={classifier}",
+                      f"eval.inception_weights={classifier.with_name(spec['file_name'])}",
+                      "eval.class_metrics=true", "tracking.enabled=true", f"tracking.uri={tracking_uri}")
+    result = train(cfg)
+    logged = mlflow.get_run(result.mlflow_run_id).data.metrics
+    for name in ("fid30", "class_consistency30", "precision30", "recall30"):
+        assert name in logged, name
+    assert 0 <= logged["class_consistency30"] <= 1 and 0 <= logged["precision30"] <= 1
+    row = json.loads((tmp_path / "run" / "fid.jsonl").read_text().splitlines()[-1])
+    assert row["class_consistency30"] == pytest.approx(logged["class_consistency30"])
+
+
+def test_class_metrics_need_a_classifier_as_feature_network() -> None:
+    with pytest.raises(ConfigError, match="eval.class_metrics needs eval.feature_net"):
+        load_config(None, ["eval.class_metrics=true"])

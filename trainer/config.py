@@ -330,6 +330,10 @@ class EvalConfig(Section):
     feature_net: str | None = None  # null: the TF-ported Inception-v3; or a spec JSON (tests)
     batch_size: int = 64  # per process, for sampling and features
     cache_dir: str = "~/.cache/advdit/fid"
+    # Also class consistency and precision/recall (k=3) against the reference's features: for a
+    # feature network trained on the data set's own classes (advdit digits classifier) and a
+    # reference of shards small enough to hold in memory (the digits' held-out split).
+    class_metrics: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -340,6 +344,9 @@ class EvalConfig(Section):
         if (self.fid_every or self.final_fid_samples) and not self.reference:
             raise ConfigError("FID during training (eval.fid_every / eval.final_fid_samples) needs "
                               "eval.reference: an ADM reference batch .npz, a statistics .npz or shards")
+        if self.class_metrics and not self.feature_net:
+            raise ConfigError("eval.class_metrics needs eval.feature_net: a classifier of the data set's "
+                              "classes (advdit digits classifier), not the ImageNet Inception network")
         if self.fid_every and self.fid_samples < 2:
             raise ConfigError("config key 'eval.fid_samples' must be >= 2 (a covariance needs 2 images)")
 

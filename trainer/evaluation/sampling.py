@@ -38,15 +38,15 @@ from ..checkpointing.store import META, CheckpointError, read_meta
 from ..config import Config, ConfigError, load_config, unflatten
 from ..objectives import build_denoiser, objective_class
 from ..objectives.base import LatentSampler
-from ..runtime.distributed import initialized, world
+from ..runtime.distributed import gather_objects, initialized, world
 from ..runtime.engines import make_accelerator
 from ..runtime.seeding import seeded_rng
+from .digits import class_consistency, classifier_outputs, precision_recall, read_images
 from .fid import (
     IS_SPLIT_SIZE,
     FeatureStats,
     FidError,
     FidResult,
-    add_features,
     load_feature_net,
     load_reference,
     load_spec,
@@ -370,13 +370,28 @@ def write_samples(sampler: Sampler, labels: np.ndarray, seed: int, batch_size: i
 
 # --------------------------------------------------------------------------- FID during training
 
+Kept = list[tuple[torch.Tensor, ...]]  # per batch: features, logits, the labels drawn for
+
+
 def sample_stats(sampler: Sampler, net: nn.Module, feature_dim: int, num_logits: int, labels: np.ndarray,
-                 seed: int, batch_size: int) -> FeatureStats:
-    """Feature statistics of freshly drawn samples, every rank drawing its share (no images kept)."""
+                 seed: int, batch_size: int, kept: Kept | None = None) -> FeatureStats:
+    """Feature statistics of freshly drawn samples, every rank drawing its share (no images kept);
+    ``kept`` receives this rank's (features, logits, labels) per batch when given."""
     stats = FeatureStats(feature_dim, num_logits, math.ceil(len(labels) / IS_SPLIT_SIZE), sampler.device)
     for batch, images in sampler.batches(labels, seed, batch_size):
-        add_features(stats, net, images, batch)
+        pool, logits = net(images)
+        stats.add(pool, logits, torch.as_tensor(list(batch), device=pool.device))
+        if kept is not None:
+            kept.append((pool.double().cpu(), logits.cpu(), torch.as_tensor(labels[batch.start:batch.stop])))
     return stats.all_reduce()
+
+
+def class_scores(kept: Kept, reference: torch.Tensor) -> dict[str, float]:
+    """Class consistency and precision/recall of every rank's kept samples (an all-gather)."""
+    parts = [part for rank_parts in gather_objects(kept) for part in rank_parts]
+    features, logits, labels = (torch.cat([part[i] for part in parts]) for i in range(3))
+    precision, recall = precision_recall(reference, features)
+    return {"class_consistency": class_consistency(logits, labels), "precision": precision, "recall": recall}
 
 
 class TrainingFID:
@@ -392,6 +407,10 @@ class TrainingFID:
         self.net = load_feature_net(ev.inception_weights, self.spec).to(accelerator.device)
         self.reference = load_reference(ev.reference, cfg.data.image_size, self.net, self.spec, ev.cache_dir,
                                         ev.batch_size, cfg.data.num_workers, accelerator.device)
+        # eval.class_metrics: the reference images' features, held whole (a small reference set).
+        self.class_reference = (classifier_outputs(self.net, read_images(ev.reference, cfg.data.image_size)[0]
+                                                   .to(accelerator.device))[0].cpu()
+                                if ev.class_metrics else None)
 
     @classmethod
     def from_config(cls, cfg: Config, accelerator: Accelerator) -> TrainingFID | None:
@@ -409,20 +428,24 @@ class TrainingFID:
             counts.append(self.cfg.eval.final_fid_samples)
         return counts
 
-    def measure(self, sampler: Sampler, num_samples: int) -> FidResult:
+    def measure(self, sampler: Sampler, num_samples: int) -> tuple[FidResult, dict[str, float]]:
+        """FID and IS, and with eval.class_metrics the class consistency and precision/recall."""
         labels = balanced_labels(num_samples, self.cfg.model.num_classes)
+        kept: Kept | None = [] if self.class_reference is not None else None
         stats = sample_stats(sampler, self.net, self.spec.feature_dim, self.spec.num_logits, labels,
-                             self.cfg.run.seed, self.cfg.eval.batch_size)
-        return score(stats, self.reference)
+                             self.cfg.run.seed, self.cfg.eval.batch_size, kept)
+        extra = class_scores(kept, self.class_reference) if kept is not None else {}
+        return score(stats, self.reference), extra
 
     def after_step(self, step: int, last: bool, sampler: Sampler) -> dict[str, float]:
         """The metrics due at this step (empty if none), named by sample count: fid5k, is5k."""
         metrics: dict[str, float] = {}
         for count in self.due(step, last):
             start = time.perf_counter()
-            result = self.measure(sampler, count)
+            result, extra = self.measure(sampler, count)
             metrics[metric_name(count)] = result.fid
             metrics[metric_name(count, "is")] = result.inception_score
+            metrics |= {metric_name(count, name): value for name, value in extra.items()}
             logger.info("step %d: %s %.4f, IS %.3f (%.1f s)", step, metric_name(count), result.fid,
                         result.inception_score, time.perf_counter() - start)
         return metrics
