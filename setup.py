@@ -49,6 +49,8 @@ setup(
     extras_require={
         "gpu": ["xformers>=0.0.28"],
         "dev": ["pytest>=8.0", "ruff>=0.6"],
+        # data.shards on object stores through fsspec (s3://, gs://); http(s):// and pipe: need nothing
+        "remote": ["fsspec>=2023.1", "s3fs", "gcsfs"],
     },
     entry_points={"console_scripts": ["advdit = advdit.launchers.cli:main"]},
 )

@@ -546,7 +546,8 @@ class Trainer:
         spec = StreamSpec(shards=shards, seed=cfg.run.seed, batch_size=cfg.data.batch_size,
                           shuffle_buffer=cfg.data.shuffle_buffer, image_size=cfg.data.image_size,
                           num_classes=cfg.model.num_classes, random_flip=cfg.data.random_flip,
-                          latent_size=cfg.data.image_size // self.codec.downsample)
+                          latent_size=cfg.data.image_size // self.codec.downsample,
+                          retries=cfg.data.retries, retry_backoff=cfg.data.retry_backoff)
         loader = build_loader(spec, accelerator.process_index, accelerator.num_processes,
                               cfg.data.num_workers, start_batch=self.state.step)
         bar = tqdm(total=cfg.train.steps, initial=self.state.step, desc="train", unit="step",

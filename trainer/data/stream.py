@@ -12,9 +12,12 @@ How the stream is laid out, and why it can resume exactly:
   already batched (no decoding). The whole position is therefore one number: batches consumed.
 - A sample that cannot be decoded is counted and replaced inside its batch by another sample of the
   same batch, so batch shapes and positions do not depend on decoding success.
-- A shard that cannot be read (empty, not a tar, truncated) is skipped from the damage on, named in
-  a warning and counted (``skipped_shards`` of the next batch); a stream whose shards yield no
-  sample at all in an epoch stops with a DataError naming them instead of spinning forever.
+- A remote shard that fails part-way is re-opened at the byte reached (``sources``), so the records
+  and their order do not depend on failures that a retry mends.
+- A shard that cannot be read (empty, not a tar, truncated, a remote one failing every retry) is
+  skipped from the damage on, named in a warning and counted (``skipped_shards`` of the next
+  batch); a stream whose shards yield no sample at all in an epoch stops with a DataError naming
+  them instead of spinning forever.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class StreamSpec:
     num_classes: int
     random_flip: bool
     latent_size: int | None = None  # the expected h = w of latent shards' moments
+    retries: int = 3  # retries of a remote shard that fails part-way (sources.RetryingReader)
+    retry_backoff: float = 1.0  # seconds before the first retry, doubled for each next one
 
 
 def shuffled(records: Iterator[dict[str, Any]], buffer_size: int,
@@ -82,7 +87,8 @@ def raw_batches(spec: StreamSpec, stream_id: int) -> Iterator[tuple[list[dict[st
         order = list(spec.shards)
         rng.shuffle(order)
         records = 0
-        for record in shuffled(iter_records(order, skipped), spec.shuffle_buffer, rng):
+        records_in_order = iter_records(order, skipped, spec.retries, spec.retry_backoff)
+        for record in shuffled(records_in_order, spec.shuffle_buffer, rng):
             records += 1
             pending.append(record)
             if len(pending) == spec.batch_size:

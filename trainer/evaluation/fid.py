@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data import DataError, check_manifest, decode_sample, iter_records, resolve_shards
+from ..data.sources import is_remote, source_sizes
 from ..runtime.distributed import world
 
 logger = logging.getLogger(__name__)
@@ -497,7 +498,8 @@ def shard_recipe(shards: list[str], image_size: int, spec: FeatureSpec) -> dict[
     return {"version": STATS_VERSION, "kind": "shards", "image_size": image_size,
             "feature_net": spec.name, "feature_sha256": spec.sha256,
             "preprocessing": f"uint8 RGB as stored, TF1 bilinear resize to {spec.input_size}",
-            "shards": [[Path(p).name, Path(p).stat().st_size] for p in shards]}
+            "shards": [[p if is_remote(p) else Path(p).name, size]
+                       for p, size in zip(shards, source_sizes(shards), strict=True)]}
 
 
 def shard_stats(source: str | list[str], image_size: int, net: nn.Module, spec: FeatureSpec,
