@@ -244,3 +244,53 @@ def test_fsspec_urls_are_read_and_a_missing_backend_names_the_extra(tiny_shards:
         resolve_shards("gs://bucket/train-{000000..000001}.tar")  # gcsfs is not installed here
     with pytest.raises(DataError, match=r"no fsspec backend knows the scheme nosuchscheme://"):
         resolve_shards("nosuchscheme://bucket/train-000000.tar")
+
+
+def test_advdit_data_imagenet_and_latents_read_http_sources_as_local_files(
+        tmp_path: Path, tiny_shards: Path, tiny_vae_dir: Path) -> None:
+    from advdit.trainer.data.imagenet import write_imagenet_shards
+    from advdit.trainer.data.latents import write_latent_shards
+
+    def files(out: Path) -> dict[str, bytes]:
+        return {path.name: path.read_bytes() for path in sorted(out.glob("*.tar"))}
+
+    shards = ShardServer(tiny_shards)
+    try:
+        for name in NAMES:
+            shards.cuts[name] = [5000]  # the listing's first read of each tar is dropped
+        made = {}
+        for where, source in (("local", f"{tiny_shards}/train-{{000000..000003}}.tar"),
+                              ("http", shards.pattern())):
+            made[where] = write_imagenet_shards(source, tmp_path / where, size=16, samples_per_shard=100,
+                                                workers=1, progress=False)
+            assert made[where]["num_samples"] == 320
+        assert files(tmp_path / "http") == files(tmp_path / "local")
+        ranged = [(name, start) for method, name, start, status in shards.requests if status == 206]
+        assert len(ranged) >= 320  # each image read by a worker with its own Range request
+        for where, source in (("local", str(tiny_shards)), ("http", shards.pattern())):
+            write_latent_shards(source, tmp_path / f"latents-{where}", str(tiny_vae_dir), 16,
+                                batch_size=40, progress=False)
+        assert files(tmp_path / "latents-http") == files(tmp_path / "latents-local")
+    finally:
+        shards.close()
+    with pytest.raises(DataError, match="pipe: command cannot"):
+        write_imagenet_shards(f"pipe:cat {tiny_shards}/train-000000.tar", tmp_path / "pipe", size=16,
+                              progress=False)
+
+
+def test_reference_statistics_from_http_shards_equal_those_of_the_local_files(
+        server: ShardServer, tmp_path: Path, tiny_shards: Path) -> None:
+    import torch
+
+    from advdit.trainer.evaluation.fid import ConvFeatureNet, shard_stats
+
+    from helpers import TINY_SPEC
+
+    torch.manual_seed(0)
+    net = ConvFeatureNet(TINY_SPEC).eval()
+    local = shard_stats(str(tiny_shards), 16, net, TINY_SPEC, tmp_path / "local", num_workers=0)
+    remote = shard_stats(server.pattern(), 16, net, TINY_SPEC, tmp_path / "http", num_workers=0)
+    assert remote.meta["images"] == local.meta["images"] == 320
+    assert remote.meta["shards"][0] == [server.url(NAMES[0]), (tiny_shards / NAMES[0]).stat().st_size]
+    torch.testing.assert_close(torch.as_tensor(remote.mu), torch.as_tensor(local.mu))
+    torch.testing.assert_close(torch.as_tensor(remote.sigma), torch.as_tensor(local.sigma))

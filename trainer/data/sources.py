@@ -257,6 +257,25 @@ def open_stream(url: str, retries: int = 3, backoff: float = 1.0) -> io.Buffered
     return io.BufferedReader(RetryingReader(url, retries, backoff), buffer_size=CHUNK)
 
 
+def read_range(url: str, offset: int, length: int, retries: int = 3, backoff: float = 1.0) -> bytes:
+    """``length`` bytes of ``url`` from ``offset`` (a Range request, a seek), with retries; a
+    ShardError if the source ends before. Not for pipe: sources (each call would rerun the
+    command and read up to ``offset``)."""
+    if kind_of(url) == "pipe":
+        raise DataError(f"{url!r}: a pipe: source can only be read from its start")
+    reader = RetryingReader(url, retries, backoff)
+    reader.position = offset
+    with reader:
+        data = bytearray(length)
+        view, filled = memoryview(data), 0
+        while filled < length:
+            count = reader.readinto(view[filled:])
+            if not count:
+                raise ShardError(f"{url} ends before byte {offset + length}")
+            filled += count
+    return bytes(data)
+
+
 # ------------------------------------------------------------------ before training
 
 def _exists(url: str) -> bool | None:

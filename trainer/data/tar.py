@@ -85,18 +85,8 @@ def tar_members(path: str) -> Iterator[tuple[str, bytes]]:
         yield from stream_members(handle, path)
 
 
-def stream_members(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the regular files of the tar archive in ``stream``, in order; a ShardError
-    where it cannot be read on (the members before it are yielded). Stops after the end-of-archive
-    blocks without reading on.
-
-    A reader of its own rather than ``tarfile``: it parses the 512-byte headers itself, several
-    times faster per member, which is what keeps small-member shards (latents) from being
-    loader-bound. Read header by header from a buffered stream, memory is bounded by the largest
-    member, not the shard (measured faster than parsing a whole file read at once, the reader
-    this replaced: docs/benchmarks.md). PAX and GNU long names are understood; other entries
-    are skipped.
-    """
+def stream_entries(stream: BinaryIO, path: str) -> Iterator[tuple[str, int, bytes]]:
+    """(name, byte offset of the body, bytes) of each regular file member; see :func:`stream_members`."""
     offset, long_name = 0, None
     while True:
         header = stream.read(512)
@@ -112,10 +102,26 @@ def stream_members(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
         if len(body) < size or len(padding) < (-size) % 512:
             reached = offset + 512 + len(body) + len(padding)
             raise ShardError(f"{path} is truncated at byte {reached} (inside a member of {size} bytes)")
-        offset += 512 + size + len(padding)
         name, long_name = _member(header, body, long_name)
         if name is not None:
-            yield name, body
+            yield name, offset + 512, body
+        offset += 512 + size + len(padding)
+
+
+def stream_members(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular files of the tar archive in ``stream``, in order; a ShardError
+    where it cannot be read on (the members before it are yielded). Stops after the end-of-archive
+    blocks without reading on.
+
+    A reader of its own rather than ``tarfile``: it parses the 512-byte headers itself, several
+    times faster per member, which is what keeps small-member shards (latents) from being
+    loader-bound. Read header by header from a buffered stream, memory is bounded by the largest
+    member, not the shard (measured faster than parsing a whole file read at once, the reader
+    this replaced: docs/benchmarks.md). PAX and GNU long names are understood; other entries
+    are skipped.
+    """
+    for name, _, body in stream_entries(stream, path):
+        yield name, body
 
 
 def shard_members(url: str, retries: int = 3, backoff: float = 1.0) -> Iterator[tuple[str, bytes]]:
