@@ -4,9 +4,11 @@ connections dropped part-way on purpose), pipe: commands, fsspec URLs. No mocks.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -197,6 +199,23 @@ def test_pipe_cat_reads_the_records_of_the_file(tiny_shards: Path) -> None:
     skipped: list[str] = []
     assert plain(list(iter_records(piped, skipped))) == plain(list(iter_records(paths)))
     assert skipped == []
+
+
+def test_a_pipe_left_part_read_is_ended_with_what_it_started(tiny_shards: Path, tmp_path: Path) -> None:
+    pidfile = tmp_path / "sleep.pid"
+    start = time.monotonic()
+    records = iter_records([f"pipe:sleep 60 & echo $! > {pidfile}; cat {tiny_shards / NAMES[0]}; wait"])
+    next(records)  # delivered as the bytes arrive, though the sleep keeps the pipe open
+    records.close()  # the reader stops early: the shell and the sleep it started are ended
+    pid = int(pidfile.read_text())
+    deadline = start + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"the pipe's child process {pid} still runs")
 
 
 def member_boundary(path: Path, index: int) -> int:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import http.client
 import io
 import logging
+import os
 import re
+import signal
 import subprocess
 import tempfile
 import time
@@ -108,7 +110,7 @@ class _HttpStream:
             _skip(self, offset, url)
 
     def read(self, size: int) -> bytes:
-        data = self.response.read(size)
+        data = self.response.read1(size)  # what has arrived (read() would wait for all of size)
         if data:
             if self.remaining is not None:
                 self.remaining -= len(data)
@@ -129,14 +131,15 @@ class _PipeStream:
     def __init__(self, url: str, offset: int) -> None:
         self.command = url[len("pipe:"):]
         self.errors = tempfile.TemporaryFile()
+        # A session of its own: closing the stream early ends the shell and what it started.
         self.process = subprocess.Popen(self.command, shell=True, stdout=subprocess.PIPE,
-                                        stderr=self.errors, stdin=subprocess.DEVNULL)
+                                        stderr=self.errors, stdin=subprocess.DEVNULL, start_new_session=True)
         self.delivered = 0
         if offset:
             _skip(self, offset, url)
 
     def read(self, size: int) -> bytes:
-        data = self.process.stdout.read(size)
+        data = self.process.stdout.read1(size)
         self.delivered += len(data)
         if data:
             return data
@@ -150,7 +153,10 @@ class _PipeStream:
 
     def close(self) -> None:
         if self.process.poll() is None:
-            self.process.kill()
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.process.wait()
         self.process.stdout.close()
         self.errors.close()
