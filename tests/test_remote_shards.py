@@ -147,6 +147,24 @@ def test_dropped_connections_are_resumed_by_range_and_a_resumed_run_equals_the_l
     assert "retry 1 of 3" in caplog.text
 
 
+def test_loader_workers_resumed_mid_epoch_read_http_shards_as_local_files(
+        server: ShardServer, tiny_shards: Path) -> None:
+    from advdit.trainer.data import StreamSpec, build_loader, next_batch
+
+    def keys(shards: list[str], start: int) -> list[list[str]]:
+        spec = StreamSpec(shards=shards, seed=3, batch_size=8, shuffle_buffer=20, image_size=16,
+                          num_classes=10, random_flip=True, retry_backoff=0.0)
+        batches = iter(build_loader(spec, 0, 1, num_workers=2, start_batch=start))
+        return [next_batch(batches)["keys"] for _ in range(6)]
+
+    for name in NAMES:
+        server.cuts[name] = [(tiny_shards / name).stat().st_size // 2]
+    local = keys(resolve_shards(str(tiny_shards)), 0)
+    assert keys(resolve_shards(server.pattern()), 0) == local  # 2 worker processes, dropped reads
+    assert any(status == 206 for *_, status in server.requests)  # a dropped read was resumed
+    assert keys(resolve_shards(server.pattern()), 3)[:3] == local[3:]  # restarted after 3 batches
+
+
 def test_retried_shards_yield_each_record_once_with_or_without_range_support(tiny_shards: Path) -> None:
     expected = plain(list(iter_records(resolve_shards(str(tiny_shards)))))
     for ranges in (True, False):
