@@ -25,11 +25,13 @@ NAMES = [f"train-{k:06d}.tar" for k in range(4)]
 
 class ShardServer:
     """Serves the files of ``root``; ``cuts[name]`` lists, request by request, the byte of the
-    file after which a GET of ``name`` drops the connection (None: serve it whole)."""
+    file after which a GET of ``name`` drops the connection (None: serve it whole); ``refusals``
+    lists, GET by GET, an HTTP error status to answer with instead."""
 
     def __init__(self, root: Path, ranges: bool = True) -> None:
         self.root, self.ranges = root, ranges
         self.cuts: dict[str, list[int | None]] = {}
+        self.refusals: dict[str, list[int]] = {}
         self.requests: list[tuple[str, str, int, int]] = []  # (method, name, first byte, status)
         owner = self
 
@@ -61,6 +63,11 @@ class ShardServer:
         if not path.is_file():
             self.requests.append((handler.command, name, 0, 404))
             handler.send_error(404)
+            return
+        refused = self.refusals.get(name) if body else None
+        if refused:
+            self.requests.append((handler.command, name, 0, refused[0]))
+            handler.send_error(refused.pop(0))
             return
         data = path.read_bytes()
         start, status = 0, 200
@@ -180,6 +187,17 @@ def test_retried_shards_yield_each_record_once_with_or_without_range_support(tin
             assert statuses == ({200, 206} if ranges else {200})
         finally:
             shards.close()
+
+
+def test_server_errors_are_retried_and_client_errors_are_not(server: ShardServer, tiny_shards: Path) -> None:
+    server.refusals = {NAMES[0]: [503, 500], NAMES[1]: [404]}  # HEAD still finds both
+    urls = resolve_shards(server.pattern())[:2]
+    skipped: list[str] = []
+    got = plain(list(iter_records(urls, skipped, backoff=0.0)))
+    assert got == plain(list(iter_records(resolve_shards(str(tiny_shards))[:1])))
+    assert [status for _, status in server.gets(NAMES[0])] == [503, 500, 200]
+    assert [status for _, status in server.gets(NAMES[1])] == [404]  # not retried: skipped at once
+    assert len(skipped) == 1 and "HTTP 404" in skipped[0] and NAMES[1] in skipped[0]
 
 
 def test_a_shard_failing_every_try_is_skipped_named_and_counted(
