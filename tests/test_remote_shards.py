@@ -69,23 +69,29 @@ class ShardServer:
             self.requests.append((handler.command, name, 0, refused[0]))
             handler.send_error(refused.pop(0))
             return
-        data = path.read_bytes()
+        size = path.stat().st_size
         start, status = 0, 200
         asked = re.fullmatch(r"bytes=(\d+)-", handler.headers.get("Range", ""))
         if asked and self.ranges:
             start, status = int(asked.group(1)), 206
         handler.send_response(status)
-        handler.send_header("Content-Length", str(len(data) - start))
+        handler.send_header("Content-Length", str(size - start))
         handler.send_header("Accept-Ranges", "bytes" if self.ranges else "none")
         if status == 206:
-            handler.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            handler.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
         handler.end_headers()
         self.requests.append((handler.command, name, start, status))
         if not body:
             return
         planned = self.cuts.get(name)
         cut = planned.pop(0) if planned else None
-        handler.wfile.write(data[start:] if cut is None else data[start:max(cut, start)])
+        end = size if cut is None else max(cut, start)
+        with path.open("rb") as source:  # in pieces: the server's memory is not the reader's
+            source.seek(start)
+            while start < end:
+                piece = source.read(min(1 << 16, end - start))
+                handler.wfile.write(piece)
+                start += len(piece)
         handler.wfile.flush()
         if cut is not None:
             handler.close_connection = True  # the body ends before its Content-Length
@@ -349,3 +355,26 @@ def test_reference_statistics_from_http_shards_equal_those_of_the_local_files(
     assert remote.meta["shards"][0] == [server.url(NAMES[0]), (tiny_shards / NAMES[0]).stat().st_size]
     torch.testing.assert_close(torch.as_tensor(remote.mu), torch.as_tensor(local.mu))
     torch.testing.assert_close(torch.as_tensor(remote.sigma), torch.as_tensor(local.sigma))
+
+
+def test_memory_is_bounded_by_the_largest_member_not_the_shard(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from advdit.trainer.data.writer import ShardWriter
+
+    writer = ShardWriter(tmp_path / "big", samples_per_shard=1000)
+    for index in range(24):  # a 24 MiB shard of 1 MiB members
+        writer.write(f"{index:06d}", index, {"npy": os.urandom(1 << 20)})
+    writer.close()
+    shard = tmp_path / "big" / "train-000000.tar"
+    shards = ShardServer(tmp_path / "big")
+    try:
+        for source in (str(shard), shards.url(shard.name), f"pipe:cat {shard}"):
+            tracemalloc.start()
+            count = sum(1 for _ in iter_records([source]))
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert count == 24
+            assert peak < 6 * (1 << 20), (source, peak)  # the 1 MiB buffer and a member or two
+    finally:
+        shards.close()
