@@ -289,6 +289,9 @@ def test_a_missing_url_is_a_clear_error_before_training(
         train(tiny_config(tmp_path / "run", tiny_shards, f"data.shards={pattern}"), progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert all(method == "HEAD" for method, *_ in server.requests)  # nothing read before the check
+    asked = len(server.requests)
+    assert len(resolve_shards(pattern, check_remote=False)) == 6  # the other ranks: not asked again
+    assert len(server.requests) == asked
 
 
 def test_fsspec_urls_are_read_and_a_missing_backend_names_the_extra(tiny_shards: Path) -> None:

@@ -204,7 +204,8 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _check_inputs(self) -> list[str]:
         """Fail on bad data paths or an unreachable tracking server before building anything."""
-        shards = resolve_shards(self.cfg.data.shards)
+        # Remote shards are checked by the main process alone (one HEAD per shard, not one per rank).
+        shards = resolve_shards(self.cfg.data.shards, check_remote=self.accelerator.is_main_process)
         check_manifest(self.cfg.data.shards, self.cfg.data.image_size)
         if self.cfg.tracking.enabled and self.accelerator.is_main_process:
             check_reachable(resolve_uri(self.cfg.tracking.uri, self.output_dir))

@@ -19,9 +19,10 @@ from .sources import check_sources, is_remote
 MANIFEST = "manifest.json"
 
 
-def resolve_shards(spec: str | list[str]) -> list[str]:
+def resolve_shards(spec: str | list[str], check_remote: bool = True) -> list[str]:
     """Shard paths or URLs from a directory, a brace pattern / glob, a remote brace pattern, or a
-    list; each must exist (pipe: commands are not run to check)."""
+    list; each must exist (pipe: commands are not run to check; remote shards only where
+    ``check_remote``, so that one process of a large job asks the server, not all of them)."""
     if isinstance(spec, list):
         paths = [str(p) for p in spec]
         paths = [u for p in paths for u in (braceexpand.braceexpand(p) if is_remote(p) else [p])]
@@ -50,7 +51,8 @@ def resolve_shards(spec: str | list[str]) -> list[str]:
                     "pattern such as 'data/train-{000000..000007}.tar', or a list of .tar paths"
                 )
     if any(is_remote(p) for p in paths):
-        check_sources(paths)
+        if check_remote:
+            check_sources(paths)
         return paths
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
