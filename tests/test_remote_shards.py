@@ -381,3 +381,20 @@ def test_memory_is_bounded_by_the_largest_member_not_the_shard(tmp_path: Path) -
             assert peak < 6 * (1 << 20), (source, peak)  # the 1 MiB buffer and a member or two
     finally:
         shards.close()
+
+
+def test_reference_statistics_are_not_made_from_part_of_the_shards(
+        server: ShardServer, tmp_path: Path, tiny_shards: Path) -> None:
+    import torch
+
+    from advdit.trainer.evaluation.fid import ConvFeatureNet, FidError, shard_stats
+
+    from helpers import TINY_SPEC
+
+    server.cuts[NAMES[1]] = [5000] * 10  # every try of one shard is dropped
+    net = ConvFeatureNet(TINY_SPEC).eval()
+    torch.manual_seed(0)
+    with pytest.raises(FidError, match=r"cannot be read to the end: .*train-000001\.tar"):
+        shard_stats(server.pattern(), 16, net, TINY_SPEC, tmp_path / "cache", num_workers=0,
+                    retries=1, retry_backoff=0.0)
+    assert not list((tmp_path / "cache").glob("*.npz"))
