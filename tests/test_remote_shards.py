@@ -398,3 +398,18 @@ def test_reference_statistics_are_not_made_from_part_of_the_shards(
         shard_stats(server.pattern(), 16, net, TINY_SPEC, tmp_path / "cache", num_workers=0,
                     retries=1, retry_backoff=0.0)
     assert not list((tmp_path / "cache").glob("*.npz"))
+
+
+def test_latent_shards_list_an_input_shard_read_only_in_part(tmp_path: Path, tiny_shards: Path,
+                                                             tiny_vae_dir: Path) -> None:
+    from advdit.trainer.data.latents import write_latent_shards
+
+    source = tmp_path / "source"
+    source.mkdir()
+    data = (tiny_shards / NAMES[0]).read_bytes()
+    cut = member_boundary(tiny_shards / NAMES[0], 19) + 700  # inside the 11th sample
+    (source / NAMES[0]).write_bytes(data[:cut])  # as a source failing every retry leaves it
+    manifest = write_latent_shards(str(source), tmp_path / "latents", str(tiny_vae_dir), 16, batch_size=40,
+                                   progress=False)
+    assert manifest["num_samples"] == 9  # the 10th, still open when the damage is met, is dropped
+    assert any("the rest of the shard" in entry and NAMES[0] in entry for entry in manifest["skipped"])
