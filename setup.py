@@ -51,6 +51,8 @@ setup(
         # `advdit data digits`: the UCI handwritten digits bundled with scikit-learn (no download)
         "digits": ["scikit-learn>=1.3"],
         "dev": ["pytest>=8.0", "ruff>=0.6", "scikit-learn>=1.3"],
+        # data.shards on object stores through fsspec (s3://, gs://); http(s):// and pipe: need nothing
+        "remote": ["fsspec>=2023.1", "s3fs", "gcsfs"],
     },
     entry_points={"console_scripts": ["advdit = advdit.launchers.cli:main"]},
 )

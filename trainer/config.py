@@ -144,17 +144,25 @@ class DiffusionConfig(Section):
 @dataclass
 class DataConfig(Section):
     # A shard directory (with manifest.json or *.tar files), a brace pattern such as
-    # "data/train-{000000..000099}.tar", or a list of tar paths.
+    # "data/train-{000000..000099}.tar", or a list of tar paths; or remote shards, brace-expanded:
+    # "https://host/train-{000000..000099}.tar", "pipe:aws s3 cp s3://bucket/train-{000000..000099}.tar -",
+    # "s3://bucket/train-{000000..000099}.tar" (fsspec: pip install 'advdit[remote]').
     shards: str | list[str] = "data/demo/train"
     image_size: int = 256
     batch_size: int = 32  # per process
     num_workers: int = 2
     shuffle_buffer: int = 1000
     random_flip: bool = True
+    # A remote shard that fails part-way is re-opened where it stopped, at most `retries` times,
+    # after retry_backoff seconds doubled per retry; then skipped and counted (data/skipped_shards).
+    retries: int = _may_change(3)
+    retry_backoff: float = _may_change(1.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.require_positive("batch_size", "image_size")
+        self.require_range("retries", 0, True)
+        self.require_range("retry_backoff", 0.0, True)
 
 
 @dataclass

@@ -216,7 +216,8 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _check_inputs(self) -> list[str]:
         """Fail on bad data paths or an unreachable tracking server before building anything."""
-        shards = resolve_shards(self.cfg.data.shards)
+        # Remote shards are checked by the main process alone (one HEAD per shard, not one per rank).
+        shards = resolve_shards(self.cfg.data.shards, check_remote=self.accelerator.is_main_process)
         check_manifest(self.cfg.data.shards, self.cfg.data.image_size)
         if self.cfg.tracking.enabled and self.accelerator.is_main_process:
             check_reachable(resolve_uri(self.cfg.tracking.uri, self.output_dir))
@@ -580,7 +581,8 @@ class Trainer:
         spec = StreamSpec(shards=shards, seed=cfg.run.seed, batch_size=cfg.data.batch_size,
                           shuffle_buffer=cfg.data.shuffle_buffer, image_size=cfg.data.image_size,
                           num_classes=cfg.model.num_classes, random_flip=cfg.data.random_flip,
-                          latent_size=cfg.data.image_size // self.codec.downsample)
+                          latent_size=cfg.data.image_size // self.codec.downsample,
+                          retries=cfg.data.retries, retry_backoff=cfg.data.retry_backoff)
         position = self.data_position = self._data_position(spec)
         loader = build_loader(spec, accelerator.process_index, accelerator.num_processes,
                               cfg.data.num_workers, self.state.step - position.base_step, position)

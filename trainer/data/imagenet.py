@@ -44,8 +44,9 @@ from tqdm import tqdm
 from ..runtime.files import write_json_atomic
 from .decode import IMAGE_KEYS
 from .errors import DataError
-from .manifest import write_manifest_file
-from .tar import split_member_name
+from .manifest import resolve_shards, write_manifest_file
+from .sources import is_remote, kind_of, open_stream, read_range
+from .tar import ShardError, split_member_name, stream_entries
 from .writer import ShardFile
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
 
 
 def _read(sample: SourceSample) -> bytes:
+    if is_remote(sample.path):
+        return read_range(sample.path, sample.offset, sample.length)
     with open(sample.path, "rb") as handle:
         handle.seek(sample.offset)
         return handle.read(sample.length)
@@ -192,6 +195,32 @@ def _tar_samples(tar_path: Path) -> list[SourceSample]:
                         "fetch it again or leave it out of --source") from err
 
 
+def _remote_tar_samples(url: str) -> list[SourceSample]:
+    """As :func:`_read_tar_samples` for a remote tar (sources.py), streamed once: the labels are
+    read now, the images later by the workers, with Range requests or seeks."""
+    samples = []
+    try:
+        with open_stream(url) as stream:
+            entries = stream_entries(stream, url)
+            for key, group in itertools.groupby(entries, key=lambda entry: split_member_name(entry[0])[0]):
+                parts = {split_member_name(name)[1]: (offset, body) for name, offset, body in group}
+                name = f"{url.rpartition('/')[2]}:{key}"
+                image = next((parts[ext] for ext in IMAGE_KEYS if ext in parts), None)
+                try:
+                    label = int(parts["cls"][1].decode().strip())
+                except (KeyError, ValueError) as err:
+                    samples.append(SourceSample(name, url, -1, problem=f"no integer cls member ({err})"))
+                    continue
+                if image is None:
+                    samples.append(SourceSample(name, url, label, problem="no image member"))
+                    continue
+                samples.append(SourceSample(name, url, label, image[0], len(image[1])))
+    except (ShardError, OSError) as err:
+        raise DataError(f"source tar {url} cannot be read ({err}): it is damaged, truncated or "
+                        "unreachable; fix it or leave it out of --source") from err
+    return samples
+
+
 def _read_tar_samples(tar_path: Path) -> list[SourceSample]:
     samples = []
     with tarfile.open(tar_path, "r:") as tar:
@@ -227,6 +256,15 @@ def _find_tars(source: str, split: str) -> list[Path]:
 def list_source(source: str | Path, split: str = "train", val_labels: str | Path | None = None,
                 synsets: str | Path | None = None) -> tuple[str, list[SourceSample], list[str] | None]:
     """(kind, samples in the fixed order, class names where known) of an ImageNet source."""
+    if is_remote(str(source)):
+        urls = resolve_shards(str(source))
+        pipes = [url for url in urls if kind_of(url) == "pipe"]
+        if pipes:
+            raise DataError(f"--source {pipes[0]!r}: advdit data imagenet reads each image of a tar on "
+                            "its own (worker processes, in any order), which a pipe: command cannot "
+                            "serve; give the tars as http(s):// or fsspec URLs (s3://, gs://), or copy them")
+        classes = read_synsets(synsets) if synsets is not None else None
+        return "webdataset", [sample for url in urls for sample in _remote_tar_samples(url)], classes
     root = Path(source)
     if (root / split).is_dir():
         samples, classes = _folder_samples(root, split, val_labels, synsets)

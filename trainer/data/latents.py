@@ -55,7 +55,8 @@ def encode_shard(codec: SDVAECodec, source: str, out_dir: Path, index: int, imag
         labels.clear()
         pixels.clear()
 
-    for record in iter_records([source]):
+    unreadable: list[str] = []
+    for record in iter_records([source], unreadable):
         try:
             image, label = decode_sample(record, image_size, ANY_LABEL)
         except Exception as err:  # noqa: BLE001 - a sample that cannot be decoded is skipped, counted
@@ -69,7 +70,9 @@ def encode_shard(codec: SDVAECodec, source: str, out_dir: Path, index: int, imag
     if pixels:
         flush()
     summary = writer.close(write_manifest=False)
-    summary["skipped"] = skipped
+    # An input shard unreadable from some byte on (damaged, or remote and failing every retry):
+    # what it held from there on is listed as skipped, not silently missing.
+    summary["skipped"] = skipped + [f"{source}: the rest of the shard ({reason})" for reason in unreadable]
     (out_dir / f"latents-{index:06d}.json").write_text(json.dumps(summary))
     return summary
 

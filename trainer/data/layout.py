@@ -68,10 +68,11 @@ def shards_digest(shards: list[str]) -> str:
     return hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
 
 
-def indexed_records(paths: list[str], shard_index: dict[str, int]) -> Iterator[dict[str, Any]]:
+def indexed_records(paths: list[str], shard_index: dict[str, int], retries: int = 3,
+                    backoff: float = 1.0) -> Iterator[dict[str, Any]]:
     """The records of ``paths`` with their shard's index and their position in it."""
     counts: dict[str, int] = {}
-    for record in iter_records(paths):
+    for record in iter_records(paths, None, retries, backoff):
         url = record["__url__"]
         record["__shard__"], record["__index__"] = shard_index[url], counts.get(url, 0)
         counts[url] = counts.get(url, 0) + 1
@@ -93,7 +94,7 @@ def stream_remainder(spec: StreamSpec, position: DataPosition, stream_id: int, c
     index = {url: spec.shards.index(url) for url in shards}
 
     def read(order: list[str], _skipped: list[str]) -> Iterator[dict[str, Any]]:
-        return indexed_records(order, index)
+        return indexed_records(order, index, spec.retries, spec.retry_backoff)
 
     epoch_size = sum(1 for _ in read(shards, []))
     if not epoch_size:

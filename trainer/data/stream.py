@@ -12,9 +12,12 @@ How the stream is laid out, and why it can resume exactly:
   already batched (no decoding). The whole position is therefore one number: batches consumed.
 - A sample that cannot be decoded is counted and replaced inside its batch by another sample of the
   same batch, so batch shapes and positions do not depend on decoding success.
-- A shard that cannot be read (empty, not a tar, truncated) is skipped from the damage on, named in
-  a warning and counted (``skipped_shards`` of the next batch); a stream whose shards yield no
-  sample at all in an epoch stops with a DataError naming them instead of spinning forever.
+- A remote shard that fails part-way is re-opened at the byte reached (``sources``), so the records
+  and their order do not depend on failures that a retry mends.
+- A shard that cannot be read (empty, not a tar, truncated, a remote one failing every retry) is
+  skipped from the damage on, named in a warning and counted (``skipped_shards`` of the next
+  batch); a stream whose shards yield no sample at all in an epoch stops with a DataError naming
+  them instead of spinning forever.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class StreamSpec:
     num_classes: int
     random_flip: bool
     latent_size: int | None = None  # the expected h = w of latent shards' moments
+    retries: int = 3  # retries of a remote shard that fails part-way (sources.RetryingReader)
+    retry_backoff: float = 1.0  # seconds before the first retry, doubled for each next one
 
 
 def shuffled(records: Iterator[dict[str, Any]], buffer_size: int,
@@ -79,7 +84,7 @@ def stream_shards(shards: list[str], stream_id: int, streams: int) -> list[str]:
 
 
 def epoch_records(spec: StreamSpec, shards: list[str], stream_id: int, epoch: int, layout_id: int,
-                  skipped: list[str], read: Any = iter_records) -> Iterator[dict[str, Any]]:
+                  skipped: list[str], read: Any = None) -> Iterator[dict[str, Any]]:
     """One epoch of a stream's raw records: its shards in a seeded order, through the seeded
     shuffle buffer. Layout 0 keeps the seeds of every run so far; a re-based layout (another world
     size, see layout.py) mixes its number in."""
@@ -87,16 +92,20 @@ def epoch_records(spec: StreamSpec, shards: list[str], stream_id: int, epoch: in
     rng = random.Random(_stream_seed(*parts))
     order = list(shards)
     rng.shuffle(order)
-    yield from shuffled(read(order, skipped), spec.shuffle_buffer, rng)
+    records = (read(order, skipped) if read is not None
+               else iter_records(order, skipped, spec.retries, spec.retry_backoff))
+    yield from shuffled(records, spec.shuffle_buffer, rng)
 
 
-def share_records(all_shards: list[str], share: list[tuple[int, str, int]]) -> Iterator[dict[str, Any]]:
-    """The records a stream inherits from an earlier layout (layout.py), shard by shard."""
+def share_records(spec: StreamSpec, share: list[tuple[int, str, int]]) -> Iterator[dict[str, Any]]:
+    """The records a stream inherits from an earlier layout (layout.py), shard by shard; ``spec``
+    holds the run's whole shard list."""
     wanted: dict[int, set[int]] = {}
     for shard, _key, index in share:
         wanted.setdefault(shard, set()).add(index)
     for shard in sorted(wanted):
-        for index, record in enumerate(iter_records([all_shards[shard]])):
+        for index, record in enumerate(iter_records([spec.shards[shard]], None, spec.retries,
+                                                    spec.retry_backoff)):
             if index in wanted[shard]:
                 yield record
 
@@ -215,7 +224,7 @@ class ShardStream(IterableDataset):
         layout_id, inherited = 0, None
         if self.position is not None:
             layout_id = self.position.layout_id
-            inherited = share_records(self.spec.shards, self.position.share(stream_id))
+            inherited = share_records(self.spec, self.position.share(stream_id))
         # Batches this stream handed out before the restart: k < start_batch with k % W == local.
         already = consumed_batches(self.start_batch, local, self.streams_per_rank)
         for index, (records, skipped) in enumerate(raw_batches(spec, stream_id, layout_id, inherited)):

@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data import DataError, check_manifest, decode_sample, iter_records, resolve_shards
+from ..data.sources import is_remote, source_sizes
 from ..runtime.distributed import world
 
 logger = logging.getLogger(__name__)
@@ -461,15 +462,17 @@ def check_sample_count(path: str | Path, available: int, requested: int | None) 
 class _ShardImages(IterableDataset):
     """uint8 batches of the images of some shards, each read once (workers split the shards)."""
 
-    def __init__(self, shards: list[str], image_size: int, batch_size: int) -> None:
+    def __init__(self, shards: list[str], image_size: int, batch_size: int, retries: int = 3,
+                 retry_backoff: float = 1.0) -> None:
         super().__init__()
         self.shards, self.image_size, self.batch_size = shards, image_size, batch_size
+        self.retries, self.retry_backoff = retries, retry_backoff  # of remote shards (data.sources)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         shards = self.shards[info.id::info.num_workers] if info is not None else self.shards
-        images, corrupt = [], 0
-        for record in iter_records(shards):
+        images, corrupt, unreadable = [], 0, []
+        for record in iter_records(shards, unreadable, self.retries, self.retry_backoff):
             try:
                 # Labels are not used here; any class index is accepted.
                 decoded, _ = decode_sample(record, self.image_size, sys.maxsize)
@@ -484,6 +487,9 @@ class _ShardImages(IterableDataset):
             if len(images) == self.batch_size:
                 yield self._batch(images, corrupt)
                 images, corrupt = [], 0
+        if unreadable:  # statistics of part of the set would be cached and compared as the whole
+            raise FidError(f"reference shards cannot be read to the end: {'; '.join(unreadable)}; no "
+                           "statistics written (fix the shards or the connection and run again)")
         if images or corrupt:
             yield self._batch(images, corrupt)
 
@@ -497,12 +503,14 @@ def shard_recipe(shards: list[str], image_size: int, spec: FeatureSpec) -> dict[
     return {"version": STATS_VERSION, "kind": "shards", "image_size": image_size,
             "feature_net": spec.name, "feature_sha256": spec.sha256,
             "preprocessing": f"uint8 RGB as stored, TF1 bilinear resize to {spec.input_size}",
-            "shards": [[Path(p).name, Path(p).stat().st_size] for p in shards]}
+            "shards": [[p if is_remote(p) else Path(p).name, size]
+                       for p, size in zip(shards, source_sizes(shards), strict=True)]}
 
 
 def shard_stats(source: str | list[str], image_size: int, net: nn.Module, spec: FeatureSpec,
                 cache_dir: str | Path, batch_size: int = 64, num_workers: int = 2,
-                device: torch.device | str = "cpu") -> Statistics:
+                device: torch.device | str = "cpu", retries: int = 3,
+                retry_backoff: float = 1.0) -> Statistics:
     """Reference statistics of every image in the shards at ``source``, computed by all ranks
     (each reads its own shards) the first time and read from ``cache_dir`` afterwards."""
     shards = resolve_shards(source)
@@ -517,7 +525,7 @@ def shard_stats(source: str | list[str], image_size: int, net: nn.Module, spec: 
     stats = FeatureStats(spec.feature_dim, device=device)
     corrupt = torch.zeros((), dtype=torch.float64, device=device)
     mine = shards[rank::world_size]
-    loader = DataLoader(_ShardImages(mine, image_size, batch_size), batch_size=None,
+    loader = DataLoader(_ShardImages(mine, image_size, batch_size, retries, retry_backoff), batch_size=None,
                         num_workers=min(num_workers, len(mine)))
     with torch.no_grad():
         for batch in loader:
