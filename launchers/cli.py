@@ -39,11 +39,15 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 def _train(args: argparse.Namespace) -> int:
     from ..trainer.loop import train
+    from ..trainer.runtime.distributed import end_process_group
 
     if (status := relaunch(args.nproc)) is not None:
         return status
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+    try:
+        result = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+    finally:
+        end_process_group()
     if result.preempted:  # on every rank, so launchers and the sbatch script see it
         if os.environ.get("RANK", "0") == "0":
             print(f"preempted at step {result.step}: checkpoint {result.checkpoint}; the same "

@@ -10,6 +10,7 @@ from pathlib import Path
 from advdit.trainer.checkpointing.store import read_meta, resume_from, save_checkpoint
 from advdit.trainer.config import load_config, unflatten
 from advdit.trainer.loop import Trainer
+from advdit.trainer.runtime.distributed import end_process_group
 
 
 def main(checkpoint: str, out: str) -> None:
@@ -21,6 +22,7 @@ def main(checkpoint: str, out: str) -> None:
     resume_from(content, checkpoint, cfg.run.output_dir, trainer._check_resumed_config)
     meta = {"world_size": trainer.accelerator.num_processes, "config": recorded}
     save_checkpoint(content, out, trainer.state.step, meta, keep_last=1, estimate=1 << 20)
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -95,7 +96,13 @@ def test_second_run_on_the_same_folder_is_refused_and_the_first_is_untouched(tmp
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
         assert first.poll() is None and time.monotonic() < deadline, "the first run did not start"
         time.sleep(0.05)
-    second = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    # Paused while the second run starts, so the first surely still holds the folder (a tiny run
+    # could otherwise finish its 300 steps before the second has imported torch).
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2
     message = second.stderr.strip().splitlines()[-1]
     assert message.startswith(f"advdit: error: {tmp_path} is in use by another run (PID {first.pid} on host")

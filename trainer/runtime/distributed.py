@@ -55,3 +55,11 @@ def gather_objects(value: object) -> list[object]:
     gathered: list[object] = [None] * world()[1]
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def end_process_group() -> None:
+    """Tear the process group down before the process exits: left to the interpreter's exit, a
+    gloo group's threads were seen to abort a rank ("terminate called without an active
+    exception", 1 run in 6 of a 2-process DDP run on CPU) after training had finished."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
