@@ -59,7 +59,7 @@ def save_diffusers(net: DiT, folder: Path) -> Path:
 
 def loaded(source: Path, entry: str = "ema", **changes: object) -> DiT:
     net = build_dit("DiT-S/2", **{**NET, **changes})
-    load_pretrained(net, read_pretrained(source, entry), num_heads=2)
+    load_pretrained(net, read_pretrained(source, entry))
     return net.eval()
 
 
@@ -133,7 +133,7 @@ def test_a_256_checkpoint_starts_a_512_run_with_the_table_of_the_larger_grid(tmp
     file = tmp_path / "small.pt"
     torch.save(advdit_to_official(small.state_dict()), file)
     large = build_dit("DiT-S/2", **{**NET, "input_size": 16})
-    notes = load_pretrained(large, read_pretrained(file), num_heads=2)
+    notes = load_pretrained(large, read_pretrained(file))
     assert notes == ["position table computed for a 8x8 grid (the file's was 4x4)"]
     torch.testing.assert_close(large.pos_embed[0], sincos_pos_embed_2d(32, 8), rtol=0, atol=0)
     for key, value in small.state_dict().items():
@@ -176,7 +176,7 @@ def test_a_ddgan_denoiser_starts_from_a_plain_dit_with_its_z_input_silent(tmp_pa
     source = random_dit()
     torch.save(advdit_to_official(source.state_dict()), file)
     generator_net = build_dit("DiT-S/2", **NET, z_dim=8).eval()
-    notes = load_pretrained(generator_net, read_pretrained(file), num_heads=2)
+    notes = load_pretrained(generator_net, read_pretrained(file))
     assert any("latent z" in note for note in notes)
     x, t, y = inputs()
     with torch.no_grad():

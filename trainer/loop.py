@@ -16,7 +16,6 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from ..models.dit import resolve_size
 from ..models.vae import load_codec
 from .checkpointing.pretrained import Pretrained, load_pretrained, read_pretrained
 from .checkpointing.store import (
@@ -273,8 +272,7 @@ class Trainer:
         if m.init_from is None or self._will_resume():
             return
         source = read_pretrained(m.init_from, m.init_entry)
-        num_heads = resolve_size(m.arch, m.depth, m.hidden_size, m.num_heads)[0].num_heads
-        notes = load_pretrained(model, source, num_heads)
+        notes = load_pretrained(model, source)
         self.init_source = source
         logger.info("denoiser initialised from %s%s", source.describe(), "".join(f"; {n}" for n in notes))
 

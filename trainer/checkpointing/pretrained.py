@@ -19,6 +19,7 @@ computed for the larger grid.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -64,13 +65,21 @@ class Pretrained:
 
     path: Path
     format: str  # official | diffusers | advdit
-    sha256: str  # of the weights file(s) read
+    files: list[Path]  # what identifies the weights: the file(s) read, or a checkpoint's meta.json
     state: Tensors
     config: dict[str, Any] = field(default_factory=dict)  # diffusers' config.json or advdit's recorded one
 
     @property
     def shape(self) -> DiTShape:
         return shape_of(self.state)
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """Of the weights file, or the SHA-256 of a sharded model's files' digests in name order;
+        computed when asked (a run records it, sampling never needs it)."""
+        if len(self.files) == 1:
+            return file_sha256(self.files[0])
+        return hashlib.sha256("".join(file_sha256(f) for f in self.files).encode()).hexdigest()
 
     def describe(self) -> str:
         return f"{self.path} ({self.format} DiT weights, sha256 {self.sha256[:12]})"
@@ -88,9 +97,9 @@ def read_pretrained(path: str | Path, entry: str = "ema") -> Pretrained:
     if path.suffix == ".safetensors":
         tensors, metadata = read_safetensors(path)
         config = json.loads(metadata["advdit_config"]) if "advdit_config" in metadata else {}
-        return _converted(path, tensors, file_sha256(path), config)
+        return _converted(path, tensors, [path], config)
     if path.suffix in TORCH_SUFFIXES:
-        return _converted(path, _torch_weights(path, entry), file_sha256(path))
+        return _converted(path, _torch_weights(path, entry), [path])
     raise PretrainedError(f"model.init_from {path}: expected a .pt/.pth/.bin/.ckpt or .safetensors file, "
                           "or a folder")
 
@@ -98,7 +107,7 @@ def read_pretrained(path: str | Path, entry: str = "ema") -> Pretrained:
 def _read_folder(path: Path, entry: str) -> Pretrained:
     if (path / META).is_file():  # an advdit checkpoint; its meta.json holds every file's checksum
         state = ema_state(path) if entry == "ema" else raw_state(path)
-        return Pretrained(path, "advdit", file_sha256(path / META), state, read_meta(path)["config"])
+        return Pretrained(path, "advdit", [path / META], state, read_meta(path)["config"])
     if (path / "model_index.json").is_file() and (path / "transformer").is_dir():
         path = path / "transformer"  # a diffusers pipeline folder
     config_file = path / DIFFUSERS_CONFIG
@@ -114,8 +123,7 @@ def _read_folder(path: Path, entry: str) -> Pretrained:
     for file in files:
         is_safetensors = file.suffix == ".safetensors"
         state.update(read_safetensors(file)[0] if is_safetensors else _torch_weights(file, entry))
-    digest = file_sha256(files[0]) if len(files) == 1 else _joint_sha256(files)
-    return _converted(path, state, digest, config)
+    return _converted(path, state, files, config)
 
 
 def _diffusers_files(path: Path) -> list[Path]:
@@ -127,11 +135,6 @@ def _diffusers_files(path: Path) -> list[Path]:
             return [path / name]
     raise PretrainedError(f"model.init_from {path}: no {' or '.join(DIFFUSERS_WEIGHTS)} "
                           f"next to {DIFFUSERS_CONFIG}")
-
-
-def _joint_sha256(files: list[Path]) -> str:
-    """One digest for a sharded model: the SHA-256 of its files' digests, in name order."""
-    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
 
 
 def _torch_weights(path: Path, entry: str) -> Tensors:
@@ -155,19 +158,20 @@ def _torch_weights(path: Path, entry: str) -> Tensors:
     return loaded
 
 
-def _converted(path: Path, state: Tensors, sha256: str, config: dict[str, Any] | None = None) -> Pretrained:
+def _converted(path: Path, state: Tensors, files: list[Path],
+               config: dict[str, Any] | None = None) -> Pretrained:
     try:
         converted, layout = to_advdit(state)
     except (WeightLayoutError, KeyError) as err:
         raise PretrainedError(f"model.init_from {path}: {err}") from err
-    return Pretrained(path, layout, sha256, converted, config or {})
+    return Pretrained(path, layout, files, converted, config or {})
 
 
 def _model_shape(model: DiT) -> DiTShape:
     return shape_of(model.state_dict())
 
 
-def _mismatches(source: Pretrained, model: DiT, num_heads: int) -> list[str]:
+def _mismatches(source: Pretrained, model: DiT) -> list[str]:
     """One line per way the source's network differs from the run's (both sides named)."""
     have, want = source.shape, _model_shape(model)
     lines = []
@@ -186,7 +190,7 @@ def _mismatches(source: Pretrained, model: DiT, num_heads: int) -> list[str]:
     if have.label_rows != want.label_rows:
         lines.append(f"the file has {have.label_rows - 1} classes (+ the null class), model.num_classes="
                      f"{want.label_rows - 1}")
-    file_heads = source.config.get("num_attention_heads")
+    file_heads, num_heads = source.config.get("num_attention_heads"), model.blocks[0].attn.num_heads
     if file_heads is not None and file_heads != num_heads:
         lines.append(f"the file's DiT has {file_heads} attention heads, the run's {num_heads} "
                      "(model.num_heads)")
@@ -218,10 +222,10 @@ def _check_position_table(source: Pretrained, model: DiT) -> str | None:
     return None
 
 
-def load_pretrained(model: DiT, source: Pretrained, num_heads: int) -> list[str]:
+def load_pretrained(model: DiT, source: Pretrained) -> list[str]:
     """Copy ``source``'s weights into ``model`` after checking they fit; returns notes on what was
     not taken from the file (kept as initialised, or recomputed)."""
-    problems = _mismatches(source, model, num_heads)
+    problems = _mismatches(source, model)
     if problems:
         raise PretrainedError(f"model.init_from {source.path} does not fit the configured DiT: "
                               + "; ".join(problems))

@@ -30,7 +30,6 @@ from torch import nn
 from tqdm import tqdm
 
 from ...models.diffusion import Generators
-from ...models.dit import resolve_size
 from ...models.vae import PixelCodec, SDVAECodec, load_codec
 from ..checkpointing.export import ema_state, raw_state
 from ..checkpointing.pretrained import load_pretrained, network_settings, read_pretrained
@@ -243,11 +242,11 @@ def init_entry(weights: str) -> str:
     return "ema" if weights == "ema" else "model"
 
 
-def load_denoiser_weights(model: nn.Module, source: Path, weights: str, num_heads: int) -> None:
+def load_denoiser_weights(model: nn.Module, source: Path, weights: str) -> None:
     """EMA (default) or raw weights of a checkpoint folder or export, or published weights,
     into ``model``; an exported file holds one of EMA and raw."""
     if not is_advdit_source(source):
-        load_pretrained(model, read_pretrained(source, init_entry(weights)), num_heads)
+        load_pretrained(model, read_pretrained(source, init_entry(weights)))
         return
     if source.is_dir():
         model.load_state_dict(ema_state(source) if weights == "ema" else raw_state(source))
@@ -291,9 +290,7 @@ def load_sampler(source: str | Path, cfg: Config, weights: str = "ema") -> tuple
     codec = load_codec(cfg.vae).to(device)
     latent_size = cfg.data.image_size // codec.downsample
     model = build_denoiser(cfg, codec.channels, latent_size)
-    m = cfg.model
-    num_heads = resolve_size(m.arch, m.depth, m.hidden_size, m.num_heads)[0].num_heads
-    load_denoiser_weights(model, Path(source), weights, num_heads)
+    load_denoiser_weights(model, Path(source), weights)
     model.to(device).eval().requires_grad_(False)
     sample_latents = objective_class(cfg.objective).sampler(cfg, codec.channels, latent_size)
     return Sampler(model, sample_latents, codec, device, accelerator.autocast), accelerator
