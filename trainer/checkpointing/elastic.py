@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,8 +25,6 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from .safe_load import DEEPSPEED_TAG, CheckpointError, weights_only_loads
-
-logger = logging.getLogger(__name__)
 
 RESHARD_DIR = ".reshard"
 

@@ -22,7 +22,6 @@ import argparse
 import functools
 import hashlib
 import json
-import logging
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +41,6 @@ from ...models.weight_layouts import (
 from ..runtime.files import file_sha256
 from .export import ema_state, raw_state
 from .store import META, CheckpointError, read_meta, read_safetensors
-
-logger = logging.getLogger(__name__)
 
 DIFFUSERS_CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")

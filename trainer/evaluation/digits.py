@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +26,6 @@ from tqdm import tqdm
 
 from ..data import decode_sample, iter_records, resolve_shards
 from .fid import ConvFeatureNet, FeatureSpec, FeatureStats, frechet_distance, load_feature_net
-
-logger = logging.getLogger(__name__)
 
 CLASSIFIER_FILE = "digits-classifier.pth"
 SPEC_FILE = "digits-classifier.json"
