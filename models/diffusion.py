@@ -13,32 +13,72 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 ModelFn = Callable[..., torch.Tensor]
-# One generator for the batch, or one per sample (row i of every draw comes from generator i, so a
-# sample is the same whichever batch it is drawn in: what distributed evaluation sampling needs).
-Generators = torch.Generator | Sequence[torch.Generator]
+
+
+@dataclass(frozen=True)
+class BatchDraws:
+    """One generator for a batch split over processes: each process draws the values of the whole
+    batch (``total`` rows) and keeps its own rows, ``start`` onwards. What a sample gets then depends
+    on its place in the global batch only, not on how many processes share the batch, so a run
+    resumed on another number of GPUs draws what the uninterrupted run drew. The price: a process
+    draws ``total / rows`` times the values it keeps (one global batch's worth per draw)."""
+
+    generator: torch.Generator
+    start: int
+    total: int
+
+
+# One generator for the batch; one per sample (row i of every draw comes from generator i, so a
+# sample is the same whichever batch it is drawn in: what distributed evaluation sampling needs); or
+# a process's rows of a global batch's draws (BatchDraws: what distributed training uses).
+Generators = torch.Generator | Sequence[torch.Generator] | BatchDraws
+RowDraw = Callable[[int, "torch.Generator | None"], torch.Tensor]  # (rows, generator) -> tensor
+
+
+def _by_rows(draw: RowDraw, rows: int, generator: Generators | None) -> torch.Tensor:
+    """``rows`` rows of ``draw`` from ``generator``, in whichever of the three forms it comes."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return draw(rows, generator)
+    if isinstance(generator, BatchDraws):
+        start, stop = generator.start, generator.start + rows
+        if stop > generator.total:
+            raise ValueError(f"rows {start}..{stop} asked of a global batch of {generator.total}")
+        return draw(generator.total, generator.generator)[start:stop]
+    if len(generator) != rows:
+        raise ValueError(f"{len(generator)} generators for a batch of {rows}")
+    return torch.cat([draw(1, g) for g in generator])
+
+
+def randn(shape: Sequence[int], generator: Generators | None, device: torch.device | str | None = None,
+          dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Standard normal noise of ``shape``; its rows drawn as ``generator``'s form says."""
+    return _by_rows(lambda n, g: torch.randn((n, *shape[1:]), generator=g, device=device, dtype=dtype),
+                    shape[0], generator)
+
+
+def rand(rows: int, generator: Generators | None, device: torch.device | str | None = None) -> torch.Tensor:
+    """``rows`` uniform values in [0, 1)."""
+    return _by_rows(lambda n, g: torch.rand(n, generator=g, device=device), rows, generator)
+
+
+def randint(high: int, rows: int, generator: Generators | None,
+            device: torch.device | str | None = None) -> torch.Tensor:
+    """``rows`` integers uniform in [0, high)."""
+    return _by_rows(lambda n, g: torch.randint(0, high, (n,), generator=g, device=device), rows, generator)
+
 
 _LOG2 = math.log(2.0)
 # Half the width of one of the 256 pixel bins once [0, 255] is mapped onto [-1, 1].
 _HALF_BIN = 1.0 / 255.0
 # Floor inside the decoder log-likelihood: keeps log() finite for bins the model puts ~0 mass on.
 _MIN_PROB = 1e-12
-
-
-def randn(shape: Sequence[int], generator: Generators | None, device: torch.device | str | None = None,
-          dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Standard normal noise of ``shape`` from one generator, or row by row from one per sample."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
-    if len(generator) != shape[0]:
-        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype)
-                        for g in generator])
 
 
 # --------------------------------------------------------------------------- schedule and spacing
@@ -501,7 +541,7 @@ class GaussianDiffusion:
         noise: torch.Tensor | None,
     ) -> torch.Tensor:
         if device is None:
-            device = noise.device if noise is not None else _generator_device(generator)
+            device = noise.device if noise is not None else generator_device(generator)
         x = self._initial_noise(shape, generator, device, noise)
         kwargs = model_kwargs or {}
         for i in self._steps(progress):
@@ -577,9 +617,11 @@ class GaussianDiffusion:
         )
 
 
-def _generator_device(generator: Generators | None) -> torch.device:
+def generator_device(generator: Generators | None) -> torch.device:
     if generator is None:
         return torch.device("cpu")
+    if isinstance(generator, BatchDraws):
+        return generator.generator.device
     return generator.device if isinstance(generator, torch.Generator) else generator[0].device
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .diffusion import Generators, randn
+
 LATENT_SCALE = 0.18215
 
 # The architecture of Stable Diffusion's VAE (the config.json of stabilityai/sd-vae-ft-ema and
@@ -30,7 +32,7 @@ class PixelCodec(nn.Module):
     channels = 3
     downsample = 1
 
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, generator: Generators | None = None) -> torch.Tensor:
         return images
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -48,9 +50,8 @@ class SDVAECodec(nn.Module):
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        return (posterior.sample(generator=generator) * LATENT_SCALE).float()
+    def encode(self, images: torch.Tensor, generator: Generators | None = None) -> torch.Tensor:
+        return self.sample_moments(self.moments(images), generator)
 
     @torch.no_grad()
     def moments(self, images: torch.Tensor) -> torch.Tensor:
@@ -59,10 +60,10 @@ class SDVAECodec(nn.Module):
         return torch.stack([posterior.mean, posterior.std], dim=1).float()
 
     @staticmethod
-    def sample_moments(moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_moments(moments: torch.Tensor, generator: Generators | None = None) -> torch.Tensor:
         """Scaled latents drawn from stored posterior moments: a fresh posterior sample per epoch."""
         mean, std = moments[:, 0].float(), moments[:, 1].float()
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+        noise = randn(mean.shape, generator, mean.device)
         return (mean + std * noise) * LATENT_SCALE
 
     @torch.no_grad()

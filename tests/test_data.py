@@ -17,6 +17,7 @@ from advdit.trainer.data import (
     StreamSpec,
     build_loader,
     iter_records,
+    mirrored,
     normalize_images,
     resolve_shards,
 )
@@ -29,9 +30,9 @@ from helpers import TINY_SIZE, corrupt_copy, tiny_overrides, write_shape_shards
 ADVDIT = str(Path(sys.executable).with_name("advdit"))
 
 
-def spec_for(shards: list[str], batch_size: int = 8, flip: bool = False) -> StreamSpec:
+def spec_for(shards: list[str], batch_size: int = 8) -> StreamSpec:
     return StreamSpec(shards=shards, seed=3, batch_size=batch_size, shuffle_buffer=50,
-                      image_size=TINY_SIZE, num_classes=10, random_flip=flip)
+                      image_size=TINY_SIZE, num_classes=10)
 
 
 def take(loader: torch.utils.data.DataLoader, count: int) -> list[dict]:
@@ -73,7 +74,7 @@ def test_ranks_and_workers_read_disjoint_samples(tiny_shards: Path) -> None:
 
 def test_restored_position_yields_the_same_next_batches(tiny_shards: Path) -> None:
     shards = resolve_shards(str(tiny_shards))
-    spec = spec_for(shards, batch_size=6, flip=True)
+    spec = spec_for(shards, batch_size=6)
     uninterrupted = take(build_loader(spec, 0, 1, num_workers=2), 20)
     for start in (7, 8, 13):  # after an odd and an even number of batches, across an epoch end
         resumed = take(build_loader(spec, 0, 1, num_workers=2, start_batch=start), 20 - start)
@@ -170,7 +171,7 @@ def test_loader_benchmark_command_reports_a_rate(capsys: pytest.CaptureFixture) 
 
 def _stream_keys(rank: int, shards: list[str], out: str) -> None:
     """One of two real processes: an epoch of this rank's keys, then the keys after a restart."""
-    spec = spec_for(shards, batch_size=10, flip=True)
+    spec = spec_for(shards, batch_size=10)
     epoch = [key for b in take(build_loader(spec, rank, 2, num_workers=2), 16) for key in b["keys"]]
     restored = build_loader(spec, rank, 2, num_workers=2, start_batch=5)
     resumed = [key for b in take(restored, 3) for key in b["keys"]]
@@ -289,3 +290,13 @@ def test_a_stream_without_readable_samples_stops_with_the_shard_names(tiny_shard
     assert run.returncode == 2, run.stderr[-2000:]
     assert last.startswith("advdit: error: shards ") and "yield no readable sample" in last
     assert "b-hole.tar" in last and "d-hole.tar" in last and "good" not in last
+
+
+def test_the_trainer_mirrors_exactly_the_rows_its_flip_draw_names(tiny_shards: Path) -> None:
+    batch = next(iter(build_loader(spec_for(resolve_shards(str(tiny_shards))), 0, 1, num_workers=0)))
+    flip = torch.arange(8) % 3 == 0
+    images = mirrored(batch, flip, torch.device("cpu"))
+    assert torch.equal(images[flip], batch["images"][flip].flip(-1))
+    assert torch.equal(images[~flip], batch["images"][~flip])
+    assert not torch.equal(images, batch["images"])  # the shapes are not all symmetric
+    assert torch.equal(mirrored(batch, None, torch.device("cpu")), batch["images"])

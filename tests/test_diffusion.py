@@ -11,12 +11,16 @@ import torch
 from scipy import integrate, stats
 
 from advdit.models.diffusion import (
+    BatchDraws,
     GaussianDiffusion,
     build_diffusion,
     cfg_model_fn,
     discretized_gaussian_log_likelihood,
     linear_beta_schedule,
     normal_kl,
+    rand,
+    randint,
+    randn,
     space_timesteps,
 )
 
@@ -546,3 +550,22 @@ def test_cfg_on_three_of_four_channels_is_the_official_dit_guidance() -> None:
     torch.testing.assert_close(everything[:, :3], ours[:, :3])
     with pytest.raises(ValueError, match=r"guided_channels must be in \[1, 4\]"):
         cfg_model_fn(model_fn, scale, null_class=null, channels=4, guided_channels=5)
+
+
+def test_batch_draws_give_a_sample_the_same_values_however_the_batch_is_split() -> None:
+    """A global batch of 8 drawn by 1 process, by 2 (4 rows each) or by 4 (2 rows each): the same
+    values in the same rows, for every kind of draw, so a resumed run on another number of
+    processes draws what the uninterrupted run drew."""
+    def split(processes: int) -> list[torch.Tensor]:
+        rows = 8 // processes
+        parts = []
+        for rank in range(processes):
+            draws = BatchDraws(torch.Generator().manual_seed(11), rank * rows, 8)
+            parts.append(torch.cat([randn((rows, 3, 2), draws).flatten(1), rand(rows, draws)[:, None],
+                                    randint(1000, rows, draws)[:, None].float()], dim=1))
+        return torch.cat(parts)
+    whole = split(1)
+    assert torch.equal(split(2), whole) and torch.equal(split(4), whole)
+    assert len(whole.unique()) > 40  # rows differ: each row's values are its own
+    with pytest.raises(ValueError, match="rows 6..10 asked of a global batch of 8"):
+        randn((4, 3), BatchDraws(torch.Generator(), 6, 8))

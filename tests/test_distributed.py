@@ -90,8 +90,12 @@ def test_killed_run_resumes_to_the_same_losses(strategy: str, uninterrupted: dic
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
 def test_sharded_training_matches_ddp(strategy: str, uninterrupted: dict[str, Path]) -> None:
     ddp, sharded = losses(uninterrupted["ddp"]), losses(uninterrupted[strategy])
+    # The order of float sums differs between strategies and Adam amplifies it: the relative gap
+    # grows from ~1e-7 in the first steps to 1.2e-3 at step 59 of 60 (zero3, measured on the 2-core
+    # machine). A wrong partition or a lost update differs by far more from the first steps on.
     for step in range(1, STEPS + 1):
-        assert sharded[step]["loss"] == pytest.approx(ddp[step]["loss"], rel=1e-3), step
+        tolerance = 1e-5 if step <= 10 else 3e-3
+        assert sharded[step]["loss"] == pytest.approx(ddp[step]["loss"], rel=tolerance), step
     # Both ranks logged their own peak memory.
     assert len(list(uninterrupted[strategy].glob("peak_memory_rank*.json"))) == 2
 
@@ -115,13 +119,15 @@ def test_export_gives_the_gathered_ema_and_weights(uninterrupted: dict[str, Path
         assert torch.equal(exported["zero3", "ema"][name], tensor.float())
     # Reduction order differs between strategies, and Adam's normalisation turns a rounding
     # difference in a near-zero gradient into a step of up to lr: a few elements may drift by
-    # more than 1e-4 (seen in CI: one element of blocks.0.attn.proj.weight). A wrong
-    # consolidation (shards misplaced or missing) moves the bulk of a tensor, which the mean catches.
+    # more than 1e-4 (seen in CI: one element of blocks.0.attn.proj.weight), and the mean gap of
+    # a tensor reached 3.5e-5 (zero3's raw blocks.0.adaLN_modulation.1.bias, which starts at zero
+    # and moves by up to 0.06 in 60 steps). A wrong consolidation (shards misplaced or missing)
+    # moves the bulk of a tensor by the size of its values, which the mean catches.
     for strategy in ("zero2", "zero3"):
         for weights in ("ema", "raw"):
             for name, tensor in exported["ddp", weights].items():
                 difference = (exported[strategy, weights][name] - tensor).abs()
-                assert difference.mean() < 1e-5 and difference.max() < 1e-2, (strategy, weights, name)
+                assert difference.mean() < 1e-4 and difference.max() < 1e-2, (strategy, weights, name)
     # The EMA moved (its updates were not lost under ZeRO-3): it differs from the raw weights'
     # starting point, the zero-initialised final layer.
     assert exported["zero3", "ema"]["final_layer.linear.weight"].abs().sum() > 0

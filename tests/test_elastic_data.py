@@ -10,6 +10,7 @@ import pytest
 
 from advdit.trainer.data import StreamSpec, build_loader, resolve_shards
 from advdit.trainer.data.layout import DataPosition, rebase
+from advdit.trainer.data.stream import consumed_batches
 
 from helpers import write_shape_shards
 
@@ -22,7 +23,7 @@ SHARDS = 12
 def spec(tmp_path_factory: pytest.TempPathFactory) -> StreamSpec:
     folder = write_shape_shards(tmp_path_factory.mktemp("shards"), SHARDS * PER_SHARD, PER_SHARD)
     return StreamSpec(shards=resolve_shards(str(folder)), seed=3, batch_size=BATCH, shuffle_buffer=6,
-                      image_size=16, num_classes=10, random_flip=False)
+                      image_size=16, num_classes=10)
 
 
 def batches(spec: StreamSpec, rank: int, world: int, workers: int, count: int, start: int = 0,
@@ -73,3 +74,34 @@ def test_the_new_layout_resumes_exactly(spec: StreamSpec) -> None:
     position = rebase(spec, DataPosition(2, 2, BATCH), 3, 1, 2)
     whole = batches(spec, 0, 1, 2, 8, 0, position)
     assert batches(spec, 0, 1, 2, 3, 5, position) == whole[5:]
+
+
+def resized(spec: StreamSpec, batch: int) -> StreamSpec:
+    return StreamSpec(**{**vars(spec), "batch_size": batch})
+
+
+def global_batches(spec: StreamSpec, world: int, workers: int, count: int, start: int = 0,
+                   position: DataPosition | None = None) -> list[list[str]]:
+    """The keys of ``count`` global batches (rank 0's batch, then rank 1's, ...) of a layout."""
+    per_rank = [batches(spec, rank, world, workers, count, start, position) for rank in range(world)]
+    return [[key for rank in per_rank for key in rank[g]] for g in range(count)]
+
+
+@pytest.mark.parametrize(("old", "new"), [((2, 1, 4), (1, 1, 8)), ((2, 1, 4), (1, 2, 8)),
+                                          ((1, 2, 8), (2, 1, 4)), ((2, 2, 4), (4, 1, 2))])
+def test_with_the_same_global_batch_the_new_layout_continues_the_old_one_batch_for_batch(
+        spec: StreamSpec, old: tuple[int, int, int], new: tuple[int, int, int]) -> None:
+    """(world, workers, batch per rank) -> another layout with the same global batch, after 2
+    steps: while every old stream has whole batches of its epoch left, the new layout's global
+    batches hold the old one's keys in the same places."""
+    (world, workers, batch), steps = old, 2
+    left = [SHARDS * PER_SHARD // (world * workers) // batch - consumed_batches(steps, local, workers)
+            for local in range(workers)]  # whole batches each rank's stream `local` has left
+    agree = 0
+    while left[(steps + agree) % workers]:
+        left[(steps + agree) % workers] -= 1
+        agree += 1
+    assert agree >= 3
+    expected = global_batches(resized(spec, batch), world, workers, steps + agree)[steps:]
+    position = rebase(resized(spec, new[2]), DataPosition(world, workers, batch), steps, new[0], new[1])
+    assert global_batches(resized(spec, new[2]), new[0], new[1], agree, 0, position) == expected

@@ -11,7 +11,14 @@ import torch
 
 from advdit.launchers.cli import main
 from advdit.models.vae import LATENT_SCALE, load_codec
-from advdit.trainer.data import StreamSpec, build_loader, decode_sample, iter_records, resolve_shards
+from advdit.trainer.data import (
+    StreamSpec,
+    build_loader,
+    decode_sample,
+    iter_records,
+    mirrored,
+    resolve_shards,
+)
 from advdit.trainer.loop import train
 
 from helpers import TINY_SIZE, tiny_config
@@ -44,18 +51,20 @@ def test_loader_picks_the_mirror_and_training_runs(tiny_shards: Path, tiny_vae_d
     shards = tmp_path / "latents"
     write_latents(tiny_shards, tiny_vae_dir, shards)
     spec = StreamSpec(resolve_shards(str(shards)), seed=0, batch_size=8, shuffle_buffer=1,
-                      image_size=TINY_SIZE, num_classes=10, random_flip=True, latent_size=8)
+                      image_size=TINY_SIZE, num_classes=10, latent_size=8)
     batch = next(iter(build_loader(spec, 0, 1, num_workers=0)))
-    assert batch["moments"].shape == (8, 2, 4, 8, 8) and "images" not in batch
+    assert batch["moments"].shape == (8, 2, 2, 4, 8, 8) and "images" not in batch
     records = [r for _, r in zip(range(8), iter_records(resolve_shards(str(shards))), strict=False)]
-    stored = [decode_sample(r, TINY_SIZE, 10, 8)[0].astype(np.float32) for r in records]
-    pairs = list(zip(batch["moments"], stored, strict=True))
-    mirrored = [torch.equal(m, torch.from_numpy(s[1])) for m, s in pairs]
-    plain = [torch.equal(m, torch.from_numpy(s[0])) for m, s in pairs]
-    assert all(a or b for a, b in zip(mirrored, plain, strict=True)) and 0 < sum(mirrored) < 8
-    sample = load_codec(str(tiny_vae_dir)).sample_moments(batch["moments"], torch.Generator().manual_seed(0))
+    stored = [torch.from_numpy(decode_sample(r, TINY_SIZE, 10, 8)[0].astype(np.float32)) for r in records]
+    assert all(torch.equal(got, want) for got, want in zip(batch["moments"], stored, strict=True))
+    flip = torch.tensor([True, False] * 4)
+    picked = mirrored(batch, flip, torch.device("cpu"))  # the trainer's flip: the stored mirror
+    assert picked.shape == (8, 2, 4, 8, 8)
+    assert all(torch.equal(picked[i], stored[i][int(flip[i])]) for i in range(8))
+    assert torch.equal(mirrored(batch, None, torch.device("cpu")), torch.stack([m[0] for m in stored]))
+    sample = load_codec(str(tiny_vae_dir)).sample_moments(picked, torch.Generator().manual_seed(0))
     assert sample.shape == (8, 4, 8, 8)
-    assert torch.allclose(sample.mean(), (batch["moments"][:, 0] * LATENT_SCALE).mean(), atol=0.05)
+    assert torch.allclose(sample.mean(), (picked[:, 0] * LATENT_SCALE).mean(), atol=0.05)
 
     cfg = tiny_config(tmp_path / "run", shards, f"vae={tiny_vae_dir}", "model.arch=DiT-S/2",
                       "train.steps=3", "train.ckpt_every=3", "train.sample_every=3")

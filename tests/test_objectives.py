@@ -68,11 +68,11 @@ def test_sadm_step_is_a_minimax(tmp_path: Path, tiny_shards: Path) -> None:
     latents = torch.rand(8, 3, 16, 16, generator=rng) * 2 - 1
     labels = torch.arange(8) % 10
     ctx = StepContext(trainer.accelerator, cfg.run.seed, step=0)
-    before = objective.denoise(latents, labels, ctx.rng(latents.device))
+    before = objective.denoise(latents, labels, ctx.draws(len(latents), latents.device))
     with torch.no_grad():
         distance_before = objective.distance(latents, before.x0_pred, before.t)
     objective.train_step(latents, labels, ctx)
-    after = objective.denoise(latents, labels, ctx.rng(latents.device))  # same t and noise
+    after = objective.denoise(latents, labels, ctx.draws(len(latents), latents.device))  # same t and noise
     with torch.no_grad():
         encoder_view = objective.distance(latents, before.x0_pred, before.t)
         denoiser_view = objective.distance(latents, after.x0_pred, after.t)

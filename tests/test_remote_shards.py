@@ -166,7 +166,7 @@ def test_loader_workers_resumed_mid_epoch_read_http_shards_as_local_files(
 
     def keys(shards: list[str], start: int) -> list[list[str]]:
         spec = StreamSpec(shards=shards, seed=3, batch_size=8, shuffle_buffer=20, image_size=16,
-                          num_classes=10, random_flip=True, retry_backoff=0.0)
+                          num_classes=10, retry_backoff=0.0)
         batches = iter(build_loader(spec, 0, 1, num_workers=2, start_batch=start))
         return [next_batch(batches)["keys"] for _ in range(6)]
 

@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
+from ..models.diffusion import rand
 from ..models.vae import load_codec
 from .checkpointing.pretrained import Pretrained, load_pretrained, read_pretrained
 from .checkpointing.store import (
@@ -37,6 +38,7 @@ from .data import (
     StreamSpec,
     build_loader,
     check_manifest,
+    mirrored,
     next_batch,
     normalize_images,
     resolve_shards,
@@ -47,13 +49,13 @@ from .evaluation.fid import metric_name
 from .evaluation.sampling import EvaluationInterrupted, GridWriter, Sampler, TrainingFID
 from .objectives import build_denoiser, objective_class
 from .objectives.base import (
+    FLIP_STREAM,
     VAE_STREAM,
     Denoiser,
     LatentSampler,
     Objective,
     StepContext,
     diffusion_of,
-    step_rng,
 )
 from .runtime.distributed import all_ranks, from_main, gather_objects
 from .runtime.engines import make_accelerator
@@ -488,20 +490,27 @@ class Trainer:
                 logger.info("dropped %d row(s) after step %d from %s (recomputed from the checkpoint)",
                             dropped, self.state.step, log.path)
 
+    def step_context(self) -> StepContext:
+        """The current step's context: its seeded draws (objectives/base.py)."""
+        return StepContext(self.accelerator, self.cfg.run.seed, self.state.step)
+
     def latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The denoiser's input: encoded images, or a posterior sample from stored moments."""
-        device = self.accelerator.device
-        rng = step_rng(self.cfg.run.seed, self.accelerator.process_index, self.state.step, device, VAE_STREAM)
+        """The denoiser's input, the batch randomly mirrored (data.random_flip): encoded images,
+        or a posterior sample from stored moments."""
+        device, ctx, rows = self.accelerator.device, self.step_context(), len(batch["labels"])
+        flip = None
+        if self.cfg.data.random_flip:
+            flip = rand(rows, ctx.draws(rows, device, FLIP_STREAM), device) < 0.5
+        pixels_or_moments = mirrored(batch, flip, device)
+        draws = ctx.draws(rows, device, VAE_STREAM)
         if "moments" in batch:
-            return self.codec.sample_moments(batch["moments"].to(device, non_blocking=True), rng)
-        images = normalize_images(batch["images"].to(device, non_blocking=True))
-        return self.codec.encode(images, generator=rng)
+            return self.codec.sample_moments(pixels_or_moments, draws)
+        return self.codec.encode(normalize_images(pixels_or_moments), generator=draws)
 
     def train_step(self, latents: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The objective's step (forward, backward, optimizer steps) and the EMA update: what the
         loop runs per batch and ``advdit bench`` times."""
-        ctx = StepContext(self.accelerator, self.cfg.run.seed, self.state.step)
-        metrics = self.objective.train_step(latents, labels, ctx)
+        metrics = self.objective.train_step(latents, labels, self.step_context())
         self.ema.update(self.accelerator.unwrap_model(self.model))  # under ZeRO-3 on this rank's slices
         return metrics
 
@@ -578,7 +587,7 @@ class Trainer:
         cfg, accelerator = self.cfg, self.accelerator
         spec = StreamSpec(shards=shards, seed=cfg.run.seed, batch_size=cfg.data.batch_size,
                           shuffle_buffer=cfg.data.shuffle_buffer, image_size=cfg.data.image_size,
-                          num_classes=cfg.model.num_classes, random_flip=cfg.data.random_flip,
+                          num_classes=cfg.model.num_classes,
                           latent_size=cfg.data.image_size // self.codec.downsample,
                           retries=cfg.data.retries, retry_backoff=cfg.data.retry_backoff)
         position = self.data_position = self._data_position(spec)

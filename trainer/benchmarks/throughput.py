@@ -256,7 +256,8 @@ def synthetic_batch(cfg: Config, codec: nn.Module, data: str,
         latent = size // codec.downsample
         mean = torch.randn(batch_size, codec.channels, latent, latent, generator=generator)
         std = torch.full_like(mean, 0.1)
-        batch = {"moments": torch.stack([mean, std], dim=1)}
+        moments = torch.stack([mean, std], dim=1)
+        batch = {"moments": torch.stack([moments, moments.flip(-1)], dim=1)}  # image and mirror
     else:
         batch = {"images": torch.randint(0, 256, (batch_size, 3, size, size), generator=generator,
                                          dtype=torch.uint8)}

@@ -9,8 +9,8 @@ Here are the names the rest of the trainer uses; everything else is imported fro
 from .decode import decode_sample
 from .errors import DataError
 from .manifest import check_manifest, resolve_shards
-from .stream import StreamSpec, build_loader, next_batch, normalize_images
+from .stream import StreamSpec, build_loader, mirrored, next_batch, normalize_images
 from .tar import iter_records
 
 __all__ = ["DataError", "StreamSpec", "build_loader", "check_manifest", "decode_sample", "iter_records",
-           "next_batch", "normalize_images", "resolve_shards"]
+           "mirrored", "next_batch", "normalize_images", "resolve_shards"]

@@ -92,7 +92,7 @@ def measure(shards: list[str], batch_size: int, batches: int, image_size: int, l
             seed: int) -> float:
     """Samples per second over ``batches`` batches after one warm-up batch, no worker processes."""
     spec = StreamSpec(shards=shards, seed=seed, batch_size=batch_size, shuffle_buffer=1000,
-                      image_size=image_size, num_classes=1 << 30, random_flip=True, latent_size=latent_size)
+                      image_size=image_size, num_classes=1 << 30, latent_size=latent_size)
     iterator = iter(build_loader(spec, rank=0, world_size=1, num_workers=0))
     next(iterator)
     start = time.perf_counter()

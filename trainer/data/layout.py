@@ -9,12 +9,17 @@ When a run resumes with another layout (more or fewer nodes, other ``data.num_wo
 position is *re-based*: every old stream finishes the epoch it was in. The records of that epoch
 it had not yet put into a consumed batch (its *remainder*) are found by replaying its order (the
 same seeded shard order and shuffle, reading the records but decoding nothing; the processes
-share the replay out) and collected in one list, which is dealt round-robin to the new streams.
-Each new stream reads its share first (by shard, in shard order), then starts epochs of its own,
-seeded with the layout's number so they differ from the old layout's. So no record of a stream's
-current epoch is seen twice and none is skipped; later epochs follow the new layout. The remainder
-is stored in the checkpoint, so a second resume, with the same or yet another layout, is handled
-the same way.
+share the replay out). The remainders are put in the order the old layout would have consumed
+them: global batch after global batch, each the ranks' next batches in rank order (``global_order``).
+The new layout cuts that list into its own global batches, in order, rank ``r`` taking its rows of
+each (``DataPosition.share``), and then starts epochs of its own, seeded with the layout's number
+so they differ from the old layout's. So no record of a stream's current epoch is seen twice and
+none is skipped; and while the old streams had whole batches left, a global batch of the new
+layout holds the records the old layout's would have held, in the same places, whenever the
+global batch size is the same (e.g. 2 x 16 -> 1 x 32): with the trainer's per-place random draws,
+the continued run computes the losses the uninterrupted run would have. Later epochs follow the
+new layout. The remainder is stored in the checkpoint, so a second resume, with the same or yet
+another layout, is handled the same way.
 """
 
 from __future__ import annotations
@@ -53,8 +58,16 @@ class DataPosition:
         return (self.world_size, max(self.num_workers, 1)) == (world_size, max(num_workers, 1))
 
     def share(self, stream_id: int) -> list[Entry]:
-        """Stream ``stream_id``'s part of the remainder, in the order it reads it."""
-        return sorted(self.remainder[stream_id::self.streams], key=lambda entry: (entry[0], entry[2]))
+        """Stream ``stream_id``'s part of the remainder, in the order it reads it: the remainder is
+        cut into global batches of ``world_size x batch_size``; global batch ``g`` is rank batch
+        ``g`` of every rank, which comes from the rank's stream ``g mod workers``."""
+        per_rank = max(self.num_workers, 1)
+        rank, local = divmod(stream_id, per_rank)
+        width = self.world_size * self.batch_size
+        mine: list[Entry] = []
+        for start in range(local * width + rank * self.batch_size, len(self.remainder), per_rank * width):
+            mine += self.remainder[start:start + self.batch_size]
+        return mine
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "remainder": [list(entry) for entry in self.remainder]}
@@ -120,7 +133,24 @@ def rebase(spec: StreamSpec, position: DataPosition, step: int, world_size: int,
         consumed = consumed_batches(batches, stream_id % per_rank, per_rank) * position.batch_size
         mine[stream_id] = stream_remainder(spec, position, stream_id, consumed)
     parts = {stream_id: left for part in gather(mine) for stream_id, left in part.items()}
-    remainder = [entry for stream_id in sorted(parts) for entry in parts[stream_id]]
     return DataPosition(world_size, num_workers, spec.batch_size, base_step=step,
                         layout_id=position.layout_id + 1, shards_digest=shards_digest(spec.shards),
-                        remainder=remainder)
+                        remainder=global_order(parts, position, batches))
+
+
+def global_order(parts: dict[int, list[Entry]], position: DataPosition, batches: int) -> list[Entry]:
+    """The old streams' remainders (``parts``, by stream) in the order the old layout would have
+    consumed them after each rank's ``batches`` batches: global batch after global batch, each
+    holding rank by rank the rank's next batch, from its stream ``(batches + g) mod workers``. A
+    stream out of records is passed over (its next batch would have begun a new epoch)."""
+    per_rank, size = max(position.num_workers, 1), position.batch_size
+    taken = dict.fromkeys(parts, 0)  # records of each stream already placed
+    order: list[Entry] = []
+    g = 0
+    while any(taken[stream] < len(left) for stream, left in parts.items()):
+        for rank in range(position.world_size):
+            stream = rank * per_rank + (batches + g) % per_rank
+            order += parts[stream][taken[stream]:taken[stream] + size]
+            taken[stream] += size
+        g += 1
+    return order

@@ -12,6 +12,8 @@ How the stream is laid out, and why it can resume exactly:
   already batched (no decoding). The whole position is therefore one number: batches consumed.
 - A sample that cannot be decoded is counted and replaced inside its batch by another sample of the
   same batch, so batch shapes and positions do not depend on decoding success.
+- The loader draws nothing at random but the order: the horizontal flip is the trainer's draw
+  (``mirrored``), per place in the global batch, so it does not depend on the layout either.
 - A remote shard that fails part-way is re-opened at the byte reached (``sources``), so the records
   and their order do not depend on failures that a retry mends.
 - A shard that cannot be read (empty, not a tar, truncated, a remote one failing every retry) is
@@ -57,7 +59,6 @@ class StreamSpec:
     shuffle_buffer: int
     image_size: int
     num_classes: int
-    random_flip: bool
     latent_size: int | None = None  # the expected h = w of latent shards' moments
     retries: int = 3  # retries of a remote shard that fails part-way (sources.RetryingReader)
     retry_backoff: float = 1.0  # seconds before the first retry, doubled for each next one
@@ -98,16 +99,24 @@ def epoch_records(spec: StreamSpec, shards: list[str], stream_id: int, epoch: in
 
 
 def share_records(spec: StreamSpec, share: list[tuple[int, str, int]]) -> Iterator[dict[str, Any]]:
-    """The records a stream inherits from an earlier layout (layout.py), shard by shard; ``spec``
-    holds the run's whole shard list."""
-    wanted: dict[int, set[int]] = {}
-    for shard, _key, index in share:
-        wanted.setdefault(shard, set()).add(index)
-    for shard in sorted(wanted):
-        for index, record in enumerate(iter_records([spec.shards[shard]], None, spec.retries,
-                                                    spec.retry_backoff)):
-            if index in wanted[shard]:
-                yield record
+    """The records a stream inherits from an earlier layout (layout.py), in the share's order;
+    ``spec`` holds the run's whole shard list. Each shard is read once, front to back; a record
+    read before its turn waits in memory. The share follows the old streams' shuffled order, whose
+    records run ahead of each other by at most about a shuffle buffer, so that is what waits."""
+    wanted = {(shard, index) for shard, _key, index in share}
+    readers: dict[int, Iterator[tuple[int, dict[str, Any]]]] = {}
+    waiting: dict[tuple[int, int], dict[str, Any]] = {}
+    for shard, key, index in share:
+        reader = readers.setdefault(shard, enumerate(iter_records(
+            [spec.shards[shard]], None, spec.retries, spec.retry_backoff)))
+        while (shard, index) not in waiting:
+            position, record = next(reader, (None, None))
+            if record is None:
+                raise DataError(f"{spec.shards[shard]} has no record {index} ({key}) any more: it "
+                                "changed since the checkpoint; restore it or resume from scratch")
+            if (shard, position) in wanted:
+                waiting[shard, position] = record
+        yield waiting.pop((shard, index))
 
 
 def consumed_batches(batches: int, local: int, per_rank: int) -> int:
@@ -148,12 +157,12 @@ def raw_batches(spec: StreamSpec, stream_id: int, layout_id: int = 0,
             pending = []
 
 
-def collate(spec: StreamSpec, records: list[dict[str, Any]], flip_seed: int) -> dict[str, Any]:
+def collate(spec: StreamSpec, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Decode a raw batch; corrupt samples are replaced by good ones of the same batch.
 
     Image batches hold ``images``, (B, 3, H, W) uint8 (4x less to move than floats; the trainer
     normalises on its device with :func:`normalize_images`); latent batches hold ``moments``
-    (B, 2, C, h, w), the mean and std of the image or of its mirror, as the flip draw says.
+    (B, 2, 2, C, h, w): the mean and std of the image and of its mirror, for ``mirrored`` to pick.
     """
     images, labels, keys, bad = [], [], [], []
     for record in records:
@@ -174,19 +183,28 @@ def collate(spec: StreamSpec, records: list[dict[str, Any]], flip_seed: int) -> 
     labels += labels[:fill] * (fill // max(len(labels), 1) + 1)
     keys += keys[:fill] * (fill // max(len(keys), 1) + 1)
     samples = images[: len(records)]
-    flip = [False] * len(samples)
-    if spec.random_flip:
-        flip = (torch.rand(len(samples), generator=torch.Generator().manual_seed(flip_seed)) < 0.5).tolist()
     batch: dict[str, Any] = {"labels": torch.tensor(labels[: len(records)], dtype=torch.long),
                              "keys": keys[: len(records)], "corrupt": len(bad)}
-    if samples[0].ndim == 5:  # latent moments: pick the stored mirror instead of flipping latents
-        batch["moments"] = torch.from_numpy(np.stack([m[int(f)] for m, f in zip(samples, flip, strict=True)]))
-        batch["moments"] = batch["moments"].float()
-    else:  # HWC -> CHW and the flip as views; np.stack makes the one copy
-        views = [(pixels[:, ::-1] if f else pixels).transpose(2, 0, 1)
-                 for pixels, f in zip(samples, flip, strict=True)]
-        batch["images"] = torch.from_numpy(np.stack(views))
+    if samples[0].ndim == 5:  # latent moments of the image and of its mirror
+        batch["moments"] = torch.from_numpy(np.stack(samples)).float()
+    else:  # HWC -> CHW as views; np.stack makes the one copy
+        batch["images"] = torch.from_numpy(np.stack([pixels.transpose(2, 0, 1) for pixels in samples]))
     return batch
+
+
+def mirrored(batch: dict[str, Any], flip: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The batch's ``images`` (uint8) or ``moments`` on ``device``, mirrored left-right where
+    ``flip`` (B,) is true: images flipped, latents taken from the mirror's stored moments (a flipped
+    latent is not the latent of the flipped image). ``flip`` None: as stored."""
+    if "moments" in batch:
+        moments = batch["moments"].to(device, non_blocking=True)
+        if flip is None:
+            return moments[:, 0]
+        return moments[torch.arange(len(moments), device=device), flip.long()]
+    images = batch["images"].to(device, non_blocking=True)
+    if flip is None:
+        return images
+    return torch.where(flip.reshape(-1, 1, 1, 1), images.flip(-1), images)
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
@@ -230,7 +248,7 @@ class ShardStream(IterableDataset):
         for index, (records, skipped) in enumerate(raw_batches(spec, stream_id, layout_id, inherited)):
             if index < already:
                 continue
-            batch = collate(spec, records, _stream_seed(self.spec.seed, stream_id, index, 1))
+            batch = collate(spec, records)
             batch["skipped_shards"] = skipped
             yield batch
 

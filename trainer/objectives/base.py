@@ -5,9 +5,11 @@ An objective gets a batch of latents and labels from the loop, runs forward, bac
 optimizer step(s) of the networks it trains, and returns its metrics as tensors (read back only
 when the loop logs, so a step has no host-device sync).
 
-Every random draw of a step (timesteps, noise, label dropout) comes from a generator seeded by
-(seed, rank, step, stream), as EDM2 does: a resumed run draws exactly what the uninterrupted run
-drew, without having to restore generator states.
+Every random draw of a step (timesteps, noise, label dropout, flips) comes from a generator seeded
+by (seed, step, stream), as EDM2 reseeds per step: a resumed run draws exactly what the
+uninterrupted run drew, without having to restore generator states. Each process draws for the
+whole global batch and keeps its rows (``BatchDraws``), so the draws of a sample do not depend on
+the number of processes either: a run resumed on another number of GPUs continues as it would have.
 """
 
 from __future__ import annotations
@@ -22,30 +24,24 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from ...models.diffusion import GaussianDiffusion, Generators, build_diffusion
+from ...models.diffusion import BatchDraws, GaussianDiffusion, Generators, build_diffusion, rand
 from ..config import Config, DiscConfig
 from ..runtime.engines import global_grad_norm, prepare_adversary
 from ..runtime.seeding import seeded_rng
 
 # Independent random streams of one step, so adding draws to one never shifts another.
-OBJECTIVE_STREAM, VAE_STREAM, ADVERSARY_STREAM, SHARED_STREAM = 0, 1, 2, 3
+OBJECTIVE_STREAM, VAE_STREAM, ADVERSARY_STREAM, SHARED_STREAM, FLIP_STREAM = 0, 1, 2, 3, 4
 
 Terms = dict[str, torch.Tensor]  # named loss terms of one player; "loss" is what it descends
 Metrics = dict[str, torch.Tensor]  # what a step returns for logging, still on the device
 
 
-def step_rng(seed: int, rank: int, step: int, device: torch.device,
-             stream: int = OBJECTIVE_STREAM) -> torch.Generator:
-    """The generator of one (seed, rank, step, stream)."""
-    return seeded_rng(seed, rank, step, stream, device=device)
-
-
 def drop_labels(labels: torch.Tensor, probability: float, null_class: int,
-                rng: torch.Generator) -> torch.Tensor:
+                rng: Generators) -> torch.Tensor:
     """Replace a random ``probability`` fraction of labels by the null class (for CFG)."""
     if probability <= 0:
         return labels
-    drop = torch.rand(labels.shape, generator=rng, device=labels.device) < probability
+    drop = rand(labels.shape[0], rng, labels.device) < probability
     return torch.where(drop, torch.full_like(labels, null_class), labels)
 
 
@@ -63,12 +59,15 @@ class StepContext:
     seed: int
     step: int
 
-    def rng(self, device: torch.device, stream: int = OBJECTIVE_STREAM) -> torch.Generator:
-        return step_rng(self.seed, self.accelerator.process_index, self.step, device, stream)
+    def draws(self, rows: int, device: torch.device, stream: int = OBJECTIVE_STREAM) -> BatchDraws:
+        """This process's ``rows`` of the step's draws on ``stream``; every process's batch has
+        ``rows`` samples, so the global batch is ``rows`` times the number of processes."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        return BatchDraws(seeded_rng(self.seed, self.step, stream, device=device), rank * rows, world * rows)
 
     def shared_rng(self) -> torch.Generator:
         """A CPU generator that is the same on every rank, for state all ranks must agree on."""
-        return step_rng(self.seed, 0, self.step, torch.device("cpu"), SHARED_STREAM)
+        return seeded_rng(self.seed, 0, self.step, SHARED_STREAM)
 
 
 def check_finite(loss: torch.Tensor, label: str, step: int) -> None:

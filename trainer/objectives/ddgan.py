@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...models.diffusion import DeviceTables, Generators, randn
+from ...models.diffusion import DeviceTables, Generators, generator_device, randint, randn
 from ...models.discriminators import PairDiscriminator
 from ..config import Config
 from .base import (
@@ -113,7 +113,7 @@ class DDGANSchedule:
         return self.extract("marginal_mean_coef", t, x0) * x0 + self.extract("marginal_std", t, x0) * noise
 
     def q_sample_pairs(self, x0: torch.Tensor, t: torch.Tensor,
-                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                       generator: Generators) -> tuple[torch.Tensor, torch.Tensor]:
         """A real pair (x_t, x_{t+1}) for steps t in [0, T): x_t ~ q(x_t | x0), then one forward step.
 
         Draw order as in the code: the noise of the step, then that of x_t.
@@ -163,7 +163,7 @@ class DDGANSchedule:
         if labels is not None and labels.shape != (shape[0],):
             raise ValueError(f"labels has shape {tuple(labels.shape)}, expected ({shape[0]},)")
         if device is None:
-            device = labels.device if labels is not None else _first(generator).device
+            device = labels.device if labels is not None else generator_device(generator)
         x = randn(shape, generator, device)
         for step in reversed(range(self.num_steps)):
             t = torch.full((shape[0],), step, dtype=torch.long, device=device)
@@ -199,10 +199,6 @@ def generator_loss(disc: nn.Module, fake_prev: torch.Tensor, x_next: torch.Tenso
 
 def _randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
     return randn(x.shape, generator, x.device, x.dtype)
-
-
-def _first(generator: Generators) -> torch.Generator:
-    return generator if isinstance(generator, torch.Generator) else generator[0]
 
 
 # --------------------------------------------------------------------------- the DiT as G
@@ -289,20 +285,20 @@ class DDGANObjective(Objective):
     def denoiser_kwargs(cfg: Config) -> dict[str, Any]:
         return {"z_dim": cfg.ddgan.z_dim}
 
-    def fake_pair(self, latents: torch.Tensor, labels: torch.Tensor, rng: torch.Generator,
+    def fake_pair(self, latents: torch.Tensor, labels: torch.Tensor, rng: Generators,
                   ) -> tuple[torch.Tensor, ...]:
         """(t, real x_t, x_{t+1}, x0', generated x_t) for fresh t, pairs and z."""
         schedule = self.chain.schedule
-        t = torch.randint(0, schedule.num_steps, (latents.shape[0],), generator=rng, device=latents.device)
+        t = randint(schedule.num_steps, latents.shape[0], rng, latents.device)
         real_prev, x_next = schedule.q_sample_pairs(latents, t, rng)
-        z = torch.randn((latents.shape[0], self.chain.z_dim), generator=rng, device=latents.device)
+        z = randn((latents.shape[0], self.chain.z_dim), rng, latents.device)
         x0_pred = self.chain.predict_x0(self.denoiser.model, x_next, t, z, labels)
         fake_prev = schedule.posterior_sample(x0_pred, x_next, t, rng)
         return t, real_prev, x_next, x0_pred, fake_prev
 
     def train_step(self, latents: torch.Tensor, labels: torch.Tensor, ctx: StepContext) -> Metrics:
         dd = self.cfg.ddgan
-        rng = ctx.rng(latents.device)
+        rng = ctx.draws(len(latents), latents.device)
         labels = drop_labels(labels, self.cfg.model.class_dropout, self.cfg.model.num_classes, rng)
         r1_weight = dd.r1_gamma / 2 if dd.r1_gamma > 0 and ctx.step % dd.r1_interval == 0 else 0.0
         autocast = self.denoiser.accelerator.autocast

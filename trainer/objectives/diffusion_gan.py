@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ...models.diffusion import DeviceTables
+from ...models.diffusion import DeviceTables, Generators, randint, randn
 from ...models.discriminators import TimestepClassDiscriminator
 from ..config import Config, TimestepDistribution
 from ..runtime.distributed import initialized
@@ -116,16 +116,16 @@ class AdaptiveDiffusion:
 
     # ----------------------------------------------------------------------- diffusion
 
-    def diffuse(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def diffuse(self, x: torch.Tensor, generator: Generators) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, t): x diffused to steps t (B,) drawn with replacement from t_epl; differentiable in x.
 
         Draw order: the t_epl indices, then the noise.
         """
         if x.ndim < 1 or x.shape[0] == 0:
             raise ValueError(f"x must be a non-empty batch (B, ...), got shape {tuple(x.shape)}")
-        index = torch.randint(0, self.epl_size, (x.shape[0],), generator=generator, device=x.device)
+        index = randint(self.epl_size, x.shape[0], generator, x.device)
         t = self._table("t_epl", x, torch.int64)[index]
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        eps = randn(x.shape, generator, x.device, x.dtype)
         shape = (-1, *([1] * (x.ndim - 1)))
         signal = self._table("sqrt_alphas_cumprod", x, x.dtype)[t].reshape(shape)
         noise = self._table("sqrt_one_minus_alphas_cumprod", x, x.dtype)[t].reshape(shape)
@@ -198,7 +198,7 @@ class AdaptiveDiffusion:
 # prediction) and by the 25-Gaussians benchmark (fake = G(z)) alike.
 
 def discriminator_loss(disc: nn.Module, controller: AdaptiveDiffusion, real: torch.Tensor,
-                       fake: torch.Tensor, generator: torch.Generator, r1_weight: float = 0.0,
+                       fake: torch.Tensor, generator: Generators, r1_weight: float = 0.0,
                        **cond: torch.Tensor) -> dict[str, torch.Tensor]:
     """D's non-saturating loss on diffused real and fake samples, plus ``r1_weight`` * R1.
 
@@ -217,7 +217,7 @@ def discriminator_loss(disc: nn.Module, controller: AdaptiveDiffusion, real: tor
 
 
 def generator_loss(disc: nn.Module, controller: AdaptiveDiffusion, fake: torch.Tensor,
-                   generator: torch.Generator, **cond: torch.Tensor) -> torch.Tensor:
+                   generator: Generators, **cond: torch.Tensor) -> torch.Tensor:
     """softplus(-D(diffuse(fake))): the gradient reaches the generator through the diffusion."""
     fake_y, fake_t = controller.diffuse(fake, generator)
     return g_loss_nonsaturating(disc(fake_y, fake_t, **cond))
@@ -291,8 +291,8 @@ class DiffusionGANObjective(Objective):
 
     def train_step(self, latents: torch.Tensor, labels: torch.Tensor, ctx: StepContext) -> Metrics:
         dg = self.cfg.diffusion_gan
-        denoised = denoise(self.denoiser, self.cfg, latents, labels, ctx.rng(latents.device))
-        adversary_rng = ctx.rng(latents.device, ADVERSARY_STREAM)
+        denoised = denoise(self.denoiser, self.cfg, latents, labels, ctx.draws(len(latents), latents.device))
+        adversary_rng = ctx.draws(len(latents), latents.device, ADVERSARY_STREAM)
         lazy_r1 = dg.r1_gamma > 0 and ctx.step % dg.r1_interval == 0
         autocast = self.denoiser.accelerator.autocast
 

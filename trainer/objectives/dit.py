@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...models.diffusion import Generators, cfg_model_fn
+from ...models.diffusion import Generators, cfg_model_fn, randint, randn
 from ..config import Config, ConfigError
 from .base import (
     Denoiser,
@@ -37,11 +37,11 @@ class DenoisingPass:
 
 
 def denoise(denoiser: Denoiser, cfg: Config, latents: torch.Tensor, labels: torch.Tensor,
-            rng: torch.Generator) -> DenoisingPass:
+            rng: Generators) -> DenoisingPass:
     """DiT's training forward: uniform t, Gaussian noise, label dropout (drawn in that order)."""
     diffusion = denoiser.diffusion
-    t = torch.randint(0, diffusion.num_timesteps, (latents.shape[0],), generator=rng, device=latents.device)
-    noise = torch.randn(latents.shape, generator=rng, device=latents.device)
+    t = randint(diffusion.num_timesteps, latents.shape[0], rng, latents.device)
+    noise = randn(latents.shape, rng, latents.device)
     labels = drop_labels(labels, cfg.model.class_dropout, cfg.model.num_classes, rng)
     with denoiser.accelerator.autocast():
         terms = diffusion.training_losses(denoiser.model, latents, t, noise, {"y": labels})
@@ -85,7 +85,7 @@ class DiTObjective(Objective):
     sampler = staticmethod(diffusion_sampler)
 
     def train_step(self, latents: torch.Tensor, labels: torch.Tensor, ctx: StepContext) -> Metrics:
-        denoised = denoise(self.denoiser, self.cfg, latents, labels, ctx.rng(latents.device))
+        denoised = denoise(self.denoiser, self.cfg, latents, labels, ctx.draws(len(latents), latents.device))
         loss = denoised.terms["loss"].mean()
         grad_norm = self.denoiser.update(loss)
         return {"loss": loss.detach(), **denoising_metrics(denoised), **grad_norm_metric(grad_norm)}

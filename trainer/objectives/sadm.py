@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ...models.diffusion import Generators
 from ...models.discriminators import StructureEncoder
 from ..config import Config, SADMAffinity, SADMDistance, SADMWeighting
 from ..runtime.distributed import initialized
@@ -182,11 +183,11 @@ class SADMObjective(Objective):
         fake_aff = affinity(gather_rows_with_local_grad(fake_features.float()), sadm.affinity, sadm.tau)
         return structural_distance(real_aff, fake_aff, sadm.distance, gather_rows_with_local_grad(weights))
 
-    def denoise(self, latents: torch.Tensor, labels: torch.Tensor, rng: torch.Generator) -> DenoisingPass:
+    def denoise(self, latents: torch.Tensor, labels: torch.Tensor, rng: Generators) -> DenoisingPass:
         return denoise(self.denoiser, self.cfg, latents, labels, rng)
 
     def train_step(self, latents: torch.Tensor, labels: torch.Tensor, ctx: StepContext) -> Metrics:
-        denoised = self.denoise(latents, labels, ctx.rng(latents.device))
+        denoised = self.denoise(latents, labels, ctx.draws(len(latents), latents.device))
         lam = self.cfg.sadm.lambda_ if ctx.step >= self.cfg.sadm.warmup_steps else 0.0
 
         def encoder_terms() -> dict[str, torch.Tensor]:  # ascent on the distance
