@@ -231,3 +231,21 @@ def test_seeds_option_runs_each_seed_and_writes_the_summary(tmp_path: Path,
     assert "--seeds must be >= 1" in capsys.readouterr().err
     assert main(["toy", "--summarize", "--out", str(tmp_path / "empty")]) != 0
 
+
+def test_diffusion_gan_T_leaves_t_min_under_the_toy_defaults() -> None:
+    # The first 1,600 iterations of the default run (its learning-rate schedule included): r_d
+    # passes the toy target while D is ahead, so the controller raises T (seed 0 on the development
+    # machine: T = 142 at iteration 1,600). Under the image target 0.6, which r_d does not reach on
+    # this benchmark, T stays at t_min throughout.
+    settings = toy.toy_settings("diffusion_gan")
+    assert settings.target < 0.6
+    game = toy.build_game("diffusion_gan", settings, seed=0)
+    assert game.controller.T == settings.t_min
+    _, history = toy.train_game(game, 1600, seed=0, progress=False)
+    assert max(row["T"] for row in history) > settings.t_min + 50
+    assert max(row["r_d"] for row in history) > settings.target
+
+    image_target = toy.toy_settings("diffusion_gan", {"target": 0.6})
+    _, history = toy.train_game(toy.build_game("diffusion_gan", image_target, seed=0), 1200, seed=0,
+                                progress=False)
+    assert {row["T"] for row in history} == {settings.t_min}
