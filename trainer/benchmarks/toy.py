@@ -607,7 +607,7 @@ def plot_summary(path: Path, out_dir: Path, results: Sequence[dict[str, Any]],
         t_ax.legend(fontsize=7)
         r_ax.legend(fontsize=7)
     t_ax.set(xlabel="iteration", ylabel="T")
-    r_ax.set(xlabel="iteration", ylabel="r_d = E[sign D(real)]", ylim=(-1.05, 1.05),
+    r_ax.set(xlabel="iteration", ylabel="r_d = E[sign D(real)]",
              title=f"Diffusion-GAN: r_d (mean per {HISTORY_EVERY} iterations)")
     for i, s in enumerate(summary.values()):
         modes = [row["modes_covered"] for row in s["runs"]]
@@ -618,6 +618,7 @@ def plot_summary(path: Path, out_dir: Path, results: Sequence[dict[str, Any]],
     hq = {method: s["high_quality_percent"] for method, s in summary.items()}
     labels = [f"{method}\nHQ {hq[method]['mean']:.1f} ± {hq[method]['std']:.1f}%" for method in summary]
     modes_ax.set_xticks(range(len(summary)), labels, fontsize=8)
-    modes_ax.set(ylabel="modes covered", title="modes covered per seed (black: mean ± std)", xlim=(-0.5, 2.7))
+    modes_ax.set(ylabel="modes covered", title="modes covered per seed (black: mean ± std)", xlim=(-0.5, 2.7),
+                 ylim=(None, 25.5))
     fig.tight_layout()
     fig.savefig(path)
