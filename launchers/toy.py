@@ -3,6 +3,7 @@
     advdit toy --method diffusion_gan
     advdit toy --method all --out runs/toy
     advdit toy --method gan --set lr_g=1e-4 lr_d=1e-4 beta1=0.5 beta2=0.9 --out runs/toy-adam
+    advdit toy --method all --seeds 5 --out runs/toy-seeds   # seeds 0..4, then summary.{json,md,png}
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ def add_toy_parser(subcommands: Any) -> argparse.ArgumentParser:
     toy.add_argument("--batch-size", type=int, default=None, help="default: the method's tuned value")
     toy.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="settings",
                      help="change a ToySettings value (trainer/benchmarks/toy.py), e.g. lr_g=1e-4 r1_gamma=0")
-    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--seed", type=int, default=0, help="the (first) seed")
+    toy.add_argument("--seeds", type=int, default=None, metavar="N",
+                     help="run seeds SEED .. SEED+N-1, each into OUT/seed_<k>/, then write OUT/summary.json, "
+                          "summary.md and summary.png over every seed_*/result_*.json found in OUT")
+    toy.add_argument("--summarize", action="store_true",
+                     help="train nothing: only rewrite OUT/summary.* from the seed_*/ results already there "
+                          "(e.g. after runs of several processes into the same OUT)")
     toy.add_argument("--out", default="runs/toy", help="folder for samples_*.npy, *.png, result_*.json")
     toy.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     toy.set_defaults(func=_run)
@@ -34,19 +41,29 @@ def add_toy_parser(subcommands: Any) -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..trainer.benchmarks.toy import METHODS, run_toy
+    from ..trainer.benchmarks.toy import METHODS, run_toy, seed_dir, summary_table, write_summary
 
+    if args.seeds is not None and args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.summarize:
+        print(summary_table(write_summary(args.out)))
+        return 0
     # Networks this small gain nothing from intra-op threads, and several threads per process
     # slow every step down badly on a shared machine; one thread also makes runs comparable.
     torch.set_num_threads(1)
     overrides = _overrides(args)
     methods = METHODS if args.method == "all" else (args.method,)
+    seeds = range(args.seed, args.seed + (args.seeds or 1))
     results = []
     for method in methods:
-        result = run_toy(method, args.out, overrides, seed=args.seed, progress=args.progress)
-        print(_line(result), flush=True)
-        results.append(result)
-    if len(results) > 1:
+        for seed in seeds:
+            out = seed_dir(args.out, seed) if args.seeds is not None else args.out
+            result = run_toy(method, out, overrides, seed=seed, progress=args.progress)
+            print(_line(result), flush=True)
+            results.append(result)
+    if args.seeds is not None:
+        print(summary_table(write_summary(args.out)))
+    elif len(results) > 1:
         print(markdown_table(results))
     return 0
 
@@ -68,7 +85,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _line(result: dict[str, Any]) -> str:
     line = (f"{result['method']}: {result['modes_covered']}/25 modes, "
             f"{result['high_quality_percent']:.1f}% high quality, {result['iterations']} iterations, "
-            f"{result['seconds']:.0f} s")
+            f"{result['seconds']:.0f} s, seed {result['seed']}")
     if "final_T" in result:
         line += f", final T = {result['final_T']} (p = {result['final_p']:.3f})"
     return line

@@ -53,6 +53,7 @@ GRID = (-4.0, -2.0, 0.0, 2.0, 4.0)
 MODE_STD = 0.05
 HQ_RADIUS = 3 * MODE_STD
 NUM_EVAL_SAMPLES = 2500
+HISTORY_EVERY = 100  # iterations per row of a run's training history
 
 # Independent random streams derived from the run's seed.
 _INIT_STREAM, _TRAIN_STREAM, _EVAL_STREAM, _CONTROLLER_STREAM = range(4)
@@ -121,11 +122,14 @@ class ToySettings(Section):
     lr_final: float = 0.05  # the learning rates decay to this fraction along a cosine
     r1_gamma: float = 0.0
     r1_interval: int = 1
-    # Diffusion-GAN's controller (unused by the other methods).
+    # Diffusion-GAN's controller (unused by the other methods). The target is not the image
+    # value 0.6 [INFERRED]: here r_d peaks near 0.35-0.45 while D is ahead and falls towards 0 once
+    # G has caught up, so 0.6 is never reached and T would never leave t_min (docs/methods.md,
+    # "25 Gaussians").
     noise_std: float = 1.0
     t_min: int = 5
     t_max: int = 500
-    target: float = 0.6
+    target: float = 0.3
     ada_kimg: float = 100.0
     # DDGAN's chain (unused by the other methods).
     num_steps: int = 4
@@ -308,8 +312,11 @@ class DiffusionGAN(LatentGame):
         return diffusion_gan.generator_loss(self.disc, self.controller, self.fake(len(real), rng), rng)
 
     def after_step(self, rng: torch.Generator) -> dict[str, float]:
-        self.controller.update(self.settings.batch_size, rng)
-        return {"T": self.controller.T, "p": self.controller.p}
+        stats = self.controller.update(self.settings.batch_size, rng)
+        values = {"T": self.controller.T, "p": self.controller.p}
+        if stats is not None:  # r_d exists only on the iterations that adjust p
+            values["r_d"] = stats.r_d
+        return values
 
 
 class DDGAN(ToyGame):
@@ -373,16 +380,32 @@ def build_game(method: str, settings: ToySettings, seed: int) -> ToyGame:
 # --------------------------------------------------------------------------- the run
 
 
-def train_game(game: ToyGame, iterations: int, seed: int, progress: bool = True) -> dict[str, float]:
-    """``iterations`` training steps on fresh data batches; returns the last step's values."""
+# Values that are a state (the last one of a window is kept); the others are averaged per window.
+_STATE_KEYS = ("T", "p")
+
+
+def train_game(game: ToyGame, iterations: int, seed: int, progress: bool = True,
+               history_every: int = HISTORY_EVERY) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """``iterations`` training steps on fresh data batches; returns the last step's values and the
+    history: one row per ``history_every`` iterations (and one for a shorter last window) holding
+    ``iteration`` (iterations done), the window's mean of each loss and of r_d (Diffusion-GAN:
+    over the window's controller adjustments) and the state (T, p) at the window's end."""
     rng = seeded_rng(seed, _TRAIN_STREAM)
     values: dict[str, float] = {}
+    history: list[dict[str, float]] = []
+    window: dict[str, list[float]] = {}
     bar = tqdm(range(iterations), desc=type(game).__name__, disable=not progress, mininterval=1.0)
     for step in bar:
         values = game.train_step(sample_data(game.settings.batch_size, rng), rng)
-        if step % 100 == 0:
-            bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
-    return values
+        for key, value in values.items():
+            window.setdefault(key, []).append(float(value))
+        if (step + 1) % history_every == 0 or step + 1 == iterations:
+            row = {"iteration": step + 1}
+            row |= {k: v[-1] if k in _STATE_KEYS else float(np.mean(v)) for k, v in window.items()}
+            history.append(row)
+            window = {}
+            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "iteration"}, refresh=False)
+    return values, history
 
 
 def toy_settings(method: str, overrides: dict[str, Any] | Sequence[str] = ()) -> ToySettings:
@@ -405,7 +428,7 @@ def run_toy(method: str, out_dir: str | Path, overrides: dict[str, Any] | Sequen
     torch.set_grad_enabled(True)
     start = time.perf_counter()
     game = build_game(method, settings, seed)
-    last = train_game(game, settings.iterations, seed, progress)
+    last, history = train_game(game, settings.iterations, seed, progress)
     train_seconds = time.perf_counter() - start
 
     eval_rng = seeded_rng(seed, _EVAL_STREAM)
@@ -417,7 +440,8 @@ def run_toy(method: str, out_dir: str | Path, overrides: dict[str, Any] | Sequen
               "high_quality_percent": 100 * stats["high_quality_fraction"],
               "reverse_kl": stats["reverse_kl"], "mode_counts": stats["mode_counts"],
               "iterations": settings.iterations, "seconds": round(train_seconds, 1), "seed": seed,
-              "num_samples": NUM_EVAL_SAMPLES, "final": last, "settings": asdict(settings)}
+              "num_samples": NUM_EVAL_SAMPLES, "final": last, "settings": asdict(settings),
+              "history": history}
     if isinstance(game, DiffusionGAN):
         result |= {"final_T": game.controller.T, "final_p": game.controller.p}
 
@@ -455,5 +479,146 @@ def plot_run(path: Path, real: torch.Tensor, samples: torch.Tensor, real_logits:
     d_ax.hist(fake_logits.numpy(), bins=bins, alpha=0.6, color="tab:blue", label="D(generated)")
     d_ax.set(title="D logits (clean inputs, t = 0)", xlabel="logit")
     d_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# --------------------------------------------------------------------------- several seeds
+
+SUMMARY_METRICS = ("modes_covered", "high_quality_percent", "reverse_kl")
+
+
+def seed_dir(out_dir: str | Path, seed: int) -> Path:
+    """Where ``run_seeds`` puts one seed's files: ``<out>/seed_<seed>``."""
+    return Path(out_dir) / f"seed_{seed}"
+
+
+def run_seeds(method: str, out_dir: str | Path, seeds: Sequence[int],
+              overrides: dict[str, Any] | Sequence[str] = (), progress: bool = True) -> list[dict[str, Any]]:
+    """``run_toy`` once per seed, each into ``seed_dir(out_dir, seed)``; returns the results."""
+    return [run_toy(method, seed_dir(out_dir, seed), overrides, seed=seed, progress=progress)
+            for seed in seeds]
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    """mean, std (sample, ddof 1; 0 for one value), min and max of ``values``."""
+    array = np.asarray(values, dtype=np.float64)
+    std = float(array.std(ddof=1)) if len(array) > 1 else 0.0
+    return {"mean": float(array.mean()), "std": std, "min": float(array.min()), "max": float(array.max())}
+
+
+def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per method (in ``METHODS`` order): one row per seed and the mean / std / min / max over the
+    seeds of modes covered, HQ % and reverse KL; for Diffusion-GAN also of the final and the
+    largest T of each run (from its history). Each (method, seed) may appear only once."""
+    summary: dict[str, Any] = {}
+    for method in METHODS:
+        runs = sorted((r for r in results if r["method"] == method), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        seeds = [r["seed"] for r in runs]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"{method}: seeds {seeds} hold a seed twice")
+        rows = []
+        for r in runs:
+            row = {"seed": r["seed"], **{k: r[k] for k in SUMMARY_METRICS}, "iterations": r["iterations"],
+                   "seconds": r["seconds"]}
+            if "final_T" in r:
+                row |= {"final_T": r["final_T"], "max_T": max(h["T"] for h in r.get("history", [])
+                                                               or [{"T": r["final_T"]}])}
+            rows.append(row)
+        keys = [*SUMMARY_METRICS, *(("final_T", "max_T") if "final_T" in rows[0] else ())]
+        spreads = {k: _spread([row[k] for row in rows]) for k in keys}
+        summary[method] = {"seeds": seeds, "runs": rows, **spreads}
+    return summary
+
+
+def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Every ``seed_*/result_*.json`` under ``out_dir``."""
+    return [json.loads(path.read_text()) for path in sorted(Path(out_dir).glob("seed_*/result_*.json"))]
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """Markdown: method | seeds | modes covered mean ± std (min) | HQ % mean ± std (min) | reverse KL."""
+    rows = ["| method | seeds | modes covered, mean ± std (min) | HQ %, mean ± std (min) "
+            "| reverse KL, mean ± std |", "|---|---|---|---|---|"]
+    for method, s in summary.items():
+        modes, hq, kl = s["modes_covered"], s["high_quality_percent"], s["reverse_kl"]
+        rows.append(f"| {method} | {len(s['seeds'])} "
+                    f"| {modes['mean']:.1f} ± {modes['std']:.1f} ({modes['min']:.0f}) "
+                    f"| {hq['mean']:.1f} ± {hq['std']:.1f} ({hq['min']:.1f}) "
+                    f"| {kl['mean']:.3f} ± {kl['std']:.3f} |")
+    return "\n".join(rows)
+
+
+def write_summary(out_dir: str | Path) -> dict[str, Any]:
+    """Summarise every seed's result under ``out_dir``: ``summary.json``, ``summary.md`` and
+    ``summary.png`` (samples of each method's lowest seed; T and r_d over training for every
+    Diffusion-GAN seed; modes covered per seed). Returns the summary."""
+    out = Path(out_dir)
+    results = read_results(out)
+    if not results:
+        raise FileNotFoundError(f"no seed_*/result_*.json under {out}")
+    summary = summarize(results)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(summary_table(summary) + "\n")
+    plot_summary(out / "summary.png", out, results, summary)
+    return summary
+
+
+def plot_summary(path: Path, out_dir: Path, results: Sequence[dict[str, Any]],
+                 summary: dict[str, Any]) -> None:
+    """Top row: each method's samples (its lowest seed). Bottom row: Diffusion-GAN's T and r_d
+    over training, one line per seed, and the modes covered by every run."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 8.5), dpi=80)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 3)
+    centres = mode_centres()
+    for ax, method in zip(axes[0], METHODS, strict=True):
+        ax.set(xlim=(-6, 6), ylim=(-6, 6), aspect="equal")
+        if method not in summary:
+            ax.set_title(f"{method}: not run")
+            continue
+        seed = summary[method]["seeds"][0]
+        samples = torch.as_tensor(np.load(seed_dir(out_dir, seed) / f"samples_{method}.npy"))
+        high_quality = torch.cdist(samples.double(), centres.double()).min(dim=1).values <= HQ_RADIUS
+        ax.scatter(samples[high_quality, 0], samples[high_quality, 1], s=2, c="tab:blue")
+        ax.scatter(samples[~high_quality, 0], samples[~high_quality, 1], s=2, c="tab:red")
+        ax.scatter(centres[:, 0], centres[:, 1], s=12, marker="+", c="black", linewidths=0.8)
+        run = summary[method]["runs"][0]
+        ax.set_title(f"{method}, seed {seed}: {run['modes_covered']}/25 modes, "
+                     f"{run['high_quality_percent']:.1f}% HQ", fontsize=10)
+    t_ax, r_ax, modes_ax = axes[1]
+    dg_runs = sorted((r for r in results if r["method"] == "diffusion_gan"), key=lambda r: r["seed"])
+    for r in dg_runs:
+        history = r.get("history", [])
+        iterations = [h["iteration"] for h in history]
+        t_ax.plot(iterations, [h["T"] for h in history], lw=1, label=f"seed {r['seed']}")
+        r_ax.plot(iterations, [h.get("r_d", math.nan) for h in history], lw=0.8, label=f"seed {r['seed']}")
+    if dg_runs:
+        settings = dg_runs[0]["settings"]
+        r_ax.axhline(settings["target"], color="black", ls="--", lw=1, label="target")
+        t_ax.set_title(f"Diffusion-GAN: T (t_min {settings['t_min']}, t_max {settings['t_max']})",
+                       fontsize=10)
+        t_ax.set_ylim(0, settings["t_max"] * 1.05)
+        t_ax.legend(fontsize=7)
+        r_ax.legend(fontsize=7)
+    t_ax.set(xlabel="iteration", ylabel="T")
+    r_ax.set(xlabel="iteration", ylabel="r_d = E[sign D(real)]",
+             title=f"Diffusion-GAN: r_d (mean per {HISTORY_EVERY} iterations)")
+    for i, s in enumerate(summary.values()):
+        modes = [row["modes_covered"] for row in s["runs"]]
+        offsets = np.linspace(-0.15, 0.15, len(modes)) if len(modes) > 1 else [0.0]
+        modes_ax.scatter(i + np.asarray(offsets), modes, s=18)
+        modes_ax.errorbar(i + 0.3, s["modes_covered"]["mean"], yerr=s["modes_covered"]["std"], fmt="o",
+                          color="black", capsize=3)
+    hq = {method: s["high_quality_percent"] for method, s in summary.items()}
+    labels = [f"{method}\nHQ {hq[method]['mean']:.1f} ± {hq[method]['std']:.1f}%" for method in summary]
+    modes_ax.set_xticks(range(len(summary)), labels, fontsize=8)
+    modes_ax.set(ylabel="modes covered", title="modes covered per seed (black: mean ± std)", xlim=(-0.5, 2.7),
+                 ylim=(None, 25.5))
     fig.tight_layout()
     fig.savefig(path)
