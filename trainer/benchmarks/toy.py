@@ -439,7 +439,7 @@ def run_toy(method: str, out_dir: str | Path, overrides: dict[str, Any] | Sequen
     result = {"method": method, "modes_covered": stats["modes_covered"],
               "high_quality_percent": 100 * stats["high_quality_fraction"],
               "reverse_kl": stats["reverse_kl"], "mode_counts": stats["mode_counts"],
-              "iterations": settings.iterations, "seconds": round(train_seconds, 1), "seed": seed,
+              "iterations": settings.iterations, "seconds": round(train_seconds, 3), "seed": seed,
               "num_samples": NUM_EVAL_SAMPLES, "final": last, "settings": asdict(settings),
               "history": history}
     if isinstance(game, DiffusionGAN):
