@@ -75,6 +75,13 @@ def sample_data(n: int, generator: torch.Generator) -> torch.Tensor:
     return centres[index] + MODE_STD * torch.randn((n, 2), generator=generator)
 
 
+def nearest_mode(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index of each point's nearest centre, whether it is a high-quality sample: within
+    ``HQ_RADIUS`` of that centre), in float64."""
+    nearest_distance, nearest = torch.cdist(points.double(), mode_centres().double()).min(dim=1)
+    return nearest, nearest_distance <= HQ_RADIUS
+
+
 def mode_stats(samples: torch.Tensor | np.ndarray) -> dict[str, Any]:
     """Coverage and quality of (N, 2) samples.
 
@@ -86,9 +93,7 @@ def mode_stats(samples: torch.Tensor | np.ndarray) -> dict[str, Any]:
     points = torch.as_tensor(samples, dtype=torch.float64)
     if points.ndim != 2 or points.shape[1] != 2 or len(points) == 0:
         raise ValueError(f"samples must have shape (N, 2) with N >= 1, got {tuple(points.shape)}")
-    distances = torch.cdist(points, mode_centres().double())
-    nearest_distance, nearest = distances.min(dim=1)
-    high_quality = nearest_distance <= HQ_RADIUS
+    nearest, high_quality = nearest_mode(points)
     counts = torch.bincount(nearest[high_quality], minlength=len(GRID) ** 2)
     q = counts.double() / counts.sum() if counts.sum() else counts.double()
     kl = float((q[q > 0] * torch.log(q[q > 0] * len(q))).sum()) if counts.sum() else math.nan
@@ -464,7 +469,7 @@ def plot_run(path: Path, real: torch.Tensor, samples: torch.Tensor, real_logits:
     FigureCanvasAgg(fig)
     real_ax, fake_ax, d_ax = fig.subplots(1, 3)
     centres = mode_centres()
-    high_quality = torch.cdist(samples.double(), centres.double()).min(dim=1).values <= HQ_RADIUS
+    _, high_quality = nearest_mode(samples)
     real_ax.scatter(real[:, 0], real[:, 1], s=2, c="tab:green")
     fake_ax.scatter(samples[high_quality, 0], samples[high_quality, 1], s=2, c="tab:blue",
                     label="high quality")
@@ -584,7 +589,7 @@ def plot_summary(path: Path, out_dir: Path, results: Sequence[dict[str, Any]],
             continue
         seed = summary[method]["seeds"][0]
         samples = torch.as_tensor(np.load(seed_dir(out_dir, seed) / f"samples_{method}.npy"))
-        high_quality = torch.cdist(samples.double(), centres.double()).min(dim=1).values <= HQ_RADIUS
+        _, high_quality = nearest_mode(samples)
         ax.scatter(samples[high_quality, 0], samples[high_quality, 1], s=2, c="tab:blue")
         ax.scatter(samples[~high_quality, 0], samples[~high_quality, 1], s=2, c="tab:red")
         ax.scatter(centres[:, 0], centres[:, 1], s=12, marker="+", c="black", linewidths=0.8)
