@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from advdit.trainer.checkpointing.store import CheckpointError, complete_checkpoints
+from advdit.trainer.config import ConfigError, load_config
 from advdit.trainer.loop import Trainer, train
 from advdit.trainer.objectives.base import StepContext
 
@@ -92,10 +93,12 @@ def test_exploding_discriminator_stops_with_the_term_named(tmp_path: Path, tiny_
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
 
 
-@pytest.mark.parametrize("parameterization", ["x0", "eps"])
+@pytest.mark.parametrize("parameterization", ["x0", "x0_tanh", "eps"])
 def test_ddgan_reads_the_dit_output_as_configured(parameterization: str, tmp_path: Path,
                                                   tiny_shards: Path) -> None:
-    cfg = config(tmp_path, tiny_shards, "ddgan", f"ddgan.parameterization={parameterization}")
+    settings = (["ddgan.parameterization=x0", "ddgan.x0_tanh=true"] if parameterization == "x0_tanh"
+                else [f"ddgan.parameterization={parameterization}"])
+    cfg = config(tmp_path, tiny_shards, "ddgan", *settings)
     trainer = Trainer(cfg, progress=False)
     trainer.build()
     chain, model = trainer.objective.chain, trainer.model
@@ -108,12 +111,20 @@ def test_ddgan_reads_the_dit_output_as_configured(parameterization: str, tmp_pat
         out = model(x_next, chain.dit_timesteps[t + 1], labels, z)[:, :3]
     if parameterization == "x0":
         assert torch.allclose(x0, out)
+    elif parameterization == "x0_tanh":
+        assert torch.allclose(x0, torch.tanh(out)) and x0.abs().max() < 1
+        assert (x0 - out).abs().max() > 0.02  # outputs large enough that the tanh bends them
     else:
         acp = torch.as_tensor(chain.schedule.alphas_cumprod, dtype=torch.float32)[t + 1].view(-1, 1, 1, 1)
         assert torch.allclose(x0, (x_next - (1 - acp).sqrt() * out) / acp.sqrt(), rtol=1e-4, atol=1e-4)
     # The DiT timestep of each DDGAN level has the nearest alphas_cumprod of DiT's schedule.
     dit_acp = trainer.objective.denoiser.diffusion.alphas_cumprod[chain.dit_timesteps.numpy()]
     assert abs(dit_acp - chain.schedule.alphas_cumprod).max() < 0.01
+
+
+def test_x0_tanh_needs_the_x0_parameterization() -> None:
+    with pytest.raises(ConfigError, match="'ddgan.x0_tanh' squashes a predicted x0"):
+        load_config(None, ["objective=ddgan", "ddgan.parameterization=eps", "ddgan.x0_tanh=true"])
 
 
 def test_checkpoint_manifest_names_its_contents_and_refuses_another_objective(tmp_path: Path,

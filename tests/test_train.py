@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from advdit.trainer.checkpointing.store import CheckpointError, complete_checkpoints
+from advdit.trainer.config import ConfigError
 from advdit.trainer.loop import train
 
 from helpers import corrupt_copy, tiny_config
@@ -125,3 +126,22 @@ def test_shards_of_another_image_size_are_refused_up_front(tmp_path: Path) -> No
     with pytest.raises(DataError, match=r"hold 32x32 images.*data.image_size is 16"):
         train(tiny_config(tmp_path / "run", shards), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_max_minutes_ends_the_run_as_its_last_step(tmp_path: Path, tiny_shards: Path) -> None:
+    # A budget of 1.2 s, far short of the 100,000 steps asked for: the run ends where the budget
+    # ran out as it would at train.steps (checkpoint, sample grid, last log row), not as a preemption.
+    result = train(tiny_config(tmp_path, tiny_shards, "train.steps=100000", "train.max_minutes=0.02",
+                               "train.ckpt_every=100000", "train.sample_every=100000"), progress=False)
+    assert 1 <= result.step < 100000 and not result.preempted
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == [f"step_{result.step:08d}"]
+    assert result.grid is not None and result.grid.name == f"step_{result.step:08d}.png"
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert rows[-1]["step"] == result.step
+    meta = json.loads((result.checkpoint / "meta.json").read_text())
+    assert meta["stopped_by"] is None
+
+
+def test_max_minutes_must_be_positive(tmp_path: Path, tiny_shards: Path) -> None:
+    with pytest.raises(ConfigError, match="train.max_minutes' must be positive"):
+        tiny_config(tmp_path, tiny_shards, "train.max_minutes=0")

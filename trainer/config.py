@@ -210,10 +210,16 @@ class TrainConfig(Section):
     ckpt_every: int = _may_change(10_000)
     keep_last: int = _may_change(3)
     sample_every: int = _may_change(10_000)
+    # A wall-clock budget: after this many minutes of this process's step loop (evaluations
+    # included) the run ends as if train.steps were reached (checkpoint, grid, final FID, exit
+    # 0). For comparing methods at equal time (advdit quality); null: no limit.
+    max_minutes: float | None = _may_change(None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.require_positive("steps", "log_every", "ckpt_every", "keep_last", "sample_every")
+        if self.max_minutes is not None:
+            self.require_positive("max_minutes")
         self.require_range("ema_decay", 0.0, True, 1.0)
 
 
@@ -315,10 +321,16 @@ class DDGANConfig(Section):
     r1_gamma: float = 0.02
     r1_interval: int = 1
     mse_weight: float = 0.0  # optional denoising regulariser on x0', not in DDGAN [INFERRED]
+    # tanh on x0' (parameterization x0), as the official generator's last layer: keeps x0' in
+    # [-1, 1]. Meant for pixels; SD-VAE latents reach past +-1, so a tanh there would clip them.
+    x0_tanh: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.require_positive("num_steps", "z_dim", "r1_interval")
+        if self.x0_tanh and self.parameterization != "x0":
+            raise ConfigError(f"config key {self.key('x0_tanh')!r} squashes a predicted x0; "
+                              f"{self.key('parameterization')!r} is {self.parameterization!r}, expected 'x0'")
 
 
 @dataclass

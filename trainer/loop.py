@@ -120,6 +120,26 @@ def peak_memory_gb(device: torch.device) -> float:
 CHECKPOINT_BYTES_PER_PARAM = 20
 
 
+class Deadline:
+    """train.max_minutes from the start of the step loop. Every rank stops after the same step:
+    with several processes the check is a collective (one all-reduce per step, only when a
+    budget is set), true once any rank's clock has passed it."""
+
+    def __init__(self, minutes: float | None, accelerator: Accelerator) -> None:
+        self.minutes = minutes
+        self.accelerator = accelerator
+        self.end = time.monotonic() + minutes * 60 if minutes is not None else math.inf
+
+    def passed(self, step: int) -> bool:
+        if self.minutes is None:
+            return False
+        passed = not all_ranks(self.accelerator, time.monotonic() < self.end)
+        if passed:
+            logger.info("train.max_minutes=%g spent at step %d: the run ends here as at train.steps",
+                        self.minutes, step)
+        return passed
+
+
 class MetricWindow:
     """Per-metric sums since the last log (a metric may be reported only on some steps, e.g. a
     lazy R1), and the images and time of the window for images/s. The sums stay on the device:
@@ -515,10 +535,12 @@ class Trainer:
         return metrics
 
     def _steps(self, batches: Iterator[dict[str, Any]], bar: tqdm) -> tuple[Path | None, Path | None]:
-        """Train until train.steps or a signal; returns the last checkpoint and sample grid."""
+        """Train until train.steps, train.max_minutes or a signal; returns the last checkpoint and
+        sample grid."""
         cfg, accelerator = self.cfg, self.accelerator
         window = MetricWindow(cfg.train.log_every)
         checkpoint = grid = None
+        deadline = Deadline(cfg.train.max_minutes, accelerator)
         self.model.train()
         while self.state.step < cfg.train.steps:
             batch = next_batch(batches)
@@ -528,9 +550,10 @@ class Trainer:
             self.state.images_seen += len(labels) * accelerator.num_processes
             window.add(metrics, len(labels) * accelerator.num_processes, batch)
             bar.update(1)
-            step, last = self.state.step, self.state.step == cfg.train.steps
+            step = self.state.step
+            last = step == cfg.train.steps or deadline.passed(step)
             stop = not last and self.preemption.should_stop()
-            window, checkpoint = self._record(window, bar, stop, checkpoint)
+            window, checkpoint = self._record(window, bar, stop, last, checkpoint)
             if stop:
                 break
             evaluated = self.grids.due(step, last)
@@ -541,16 +564,17 @@ class Trainer:
                 self._fid(step, last)
             # A signal that arrived during a grid or an FID: stop now, not after the next step.
             if evaluated and self.preemption.should_stop():
-                window, checkpoint = self._record(window, bar, True, checkpoint)
+                window, checkpoint = self._record(window, bar, True, last, checkpoint)
+                break
+            if last:
                 break
         return checkpoint, grid
 
-    def _record(self, window: MetricWindow, bar: tqdm, stop: bool,
+    def _record(self, window: MetricWindow, bar: tqdm, stop: bool, last: bool,
                 checkpoint: Path | None) -> tuple[MetricWindow, Path | None]:
         """Log and checkpoint the current step when due, or when stopping (each once per step).
         The log goes first: it adds the window's counts to the state the checkpoint saves."""
         step, cfg = self.state.step, self.cfg.train
-        last = step == cfg.steps
         if window.due(step, last, stop):
             self._log(window, bar)
             window = MetricWindow(cfg.log_every)

@@ -211,7 +211,8 @@ class FewStepDiT:
 
     G is given the DiT timestep whose alphas_cumprod is nearest to that of the DDGAN level, with z
     entering through the DiT's zero-initialised z embedding. Its first C output channels are x0'
-    (``parameterization: x0``, as DDGAN), or eps turned into x0' (``eps``, so a pretrained DiT
+    (``parameterization: x0``, as DDGAN; squashed by tanh with ``x0_tanh``, as its official
+    generator), or eps turned into x0' (``eps``, so a pretrained DiT
     starts as a sensible denoiser; ill-conditioned at the noisiest level, where x0 = (x - sigma
     eps) / a divides by a ~ 0.007) [INFERRED].
     """
@@ -220,7 +221,7 @@ class FewStepDiT:
                  autocast: Autocast = nullcontext) -> None:
         dd = cfg.ddgan
         self.schedule = DDGANSchedule(dd.num_steps, dd.beta_min, dd.beta_max)
-        self.parameterization, self.z_dim = dd.parameterization, dd.z_dim
+        self.parameterization, self.z_dim, self.x0_tanh = dd.parameterization, dd.z_dim, dd.x0_tanh
         self.channels, self.latent_size = channels, latent_size
         self.autocast = autocast
         gaps = np.abs(diffusion_of(cfg).alphas_cumprod[None, :] - self.schedule.alphas_cumprod[:, None])
@@ -234,7 +235,7 @@ class FewStepDiT:
         with self.autocast():
             output = model(x_next, dit_t, labels, z)[:, : self.channels].float()
         if self.parameterization == "x0":
-            return output
+            return torch.tanh(output) if self.x0_tanh else output
         eps = output
         signal = self.schedule.extract("marginal_mean_coef", level, x_next)
         noise = self.schedule.extract("marginal_std", level, x_next)
