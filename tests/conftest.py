@@ -74,3 +74,23 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def tracking_uri(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     return mlflow_server
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``advdit data digits``: the train and held-out shards of scikit-learn's digits."""
+    from advdit.launchers.cli import main
+
+    out = tmp_path_factory.mktemp("digits")
+    assert main(["data", "digits", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def classifier(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits evaluator's spec JSON (its classifier trained with the fixed seed)."""
+    from advdit.launchers.cli import main
+
+    out = tmp_path_factory.mktemp("classifier")
+    assert main(["digits", "classifier", "--data", str(digits_dir), "--out", str(out)]) == 0
+    return out / "digits-classifier.json"

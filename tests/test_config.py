@@ -388,7 +388,7 @@ def test_an_installed_wheel_resolves_presets_by_name(installed: Path, tmp_path: 
     done = run_installed(installed, tmp_path, "config", "show", "--config", "methods/gan")
     # The wheel ships every preset of the checkout, also those one folder down (finetune/...).
     assert done.returncode == 2 and f"presets: {', '.join(preset_names())})" in done.stderr
-    assert "presets: demo, finetune/imagenet256, finetune/imagenet512, imagenet/256," in done.stderr
+    assert "presets: demo, digits, finetune/imagenet256, finetune/imagenet512, imagenet/256," in done.stderr
 
 
 def test_an_installed_wheel_renders_a_slurm_job(installed: Path, tmp_path: Path) -> None:
