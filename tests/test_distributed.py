@@ -154,3 +154,17 @@ def test_sharded_state_resumes_with_another_world_size_and_rebases_the_data(
     saved_meta = uninterrupted["zero2"] / "checkpoints" / f"step_{STEPS:08d}" / "meta.json"
     saved = json.loads(saved_meta.read_text())
     assert saved["data"]["layout_id"] == 0 and not saved["data"]["remainder"]
+
+
+def test_a_wall_clock_budget_ends_every_rank_after_the_same_step(tmp_path: Path, tiny_shards: Path) -> None:
+    # Ranks that disagreed on the last step would leave one waiting in a collective of the next:
+    # the command would hang past the timeout instead of exiting 0.
+    args = [ADVDIT, "train", "--nproc", "2", *tiny_overrides(tmp_path, tiny_shards), "train.steps=100000",
+            "train.max_minutes=0.05", "train.ckpt_every=100000", "train.sample_every=100000"]
+    run(args, timeout=240)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    last = rows[-1]["step"]
+    assert 1 <= last < 100000
+    checkpoint = tmp_path / "checkpoints" / f"step_{last:08d}"
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    assert meta["step"] == last and meta["world_size"] == 2 and meta["stopped_by"] is None

@@ -7,7 +7,7 @@ import logging
 import math
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,18 +122,18 @@ CHECKPOINT_BYTES_PER_PARAM = 20
 
 class Deadline:
     """train.max_minutes from the start of the step loop. Every rank stops after the same step:
-    with several processes the check is a collective (one all-reduce per step, only when a
-    budget is set), true once any rank's clock has passed it."""
+    the check is true once any rank's clock has passed the budget (with several processes one
+    small all-reduce per step on the preemption guard's CPU group, only when a budget is set)."""
 
-    def __init__(self, minutes: float | None, accelerator: Accelerator) -> None:
+    def __init__(self, minutes: float | None, max_over_ranks: Callable[[int], int]) -> None:
         self.minutes = minutes
-        self.accelerator = accelerator
+        self.max_over_ranks = max_over_ranks
         self.end = time.monotonic() + minutes * 60 if minutes is not None else math.inf
 
     def passed(self, step: int) -> bool:
         if self.minutes is None:
             return False
-        passed = not all_ranks(self.accelerator, time.monotonic() < self.end)
+        passed = bool(self.max_over_ranks(int(time.monotonic() >= self.end)))
         if passed:
             logger.info("train.max_minutes=%g spent at step %d: the run ends here as at train.steps",
                         self.minutes, step)
@@ -540,7 +540,7 @@ class Trainer:
         cfg, accelerator = self.cfg, self.accelerator
         window = MetricWindow(cfg.train.log_every)
         checkpoint = grid = None
-        deadline = Deadline(cfg.train.max_minutes, accelerator)
+        deadline = Deadline(cfg.train.max_minutes, self.preemption.max_over_ranks)
         self.model.train()
         while self.state.step < cfg.train.steps:
             batch = next_batch(batches)

@@ -65,12 +65,17 @@ class PreemptionGuard:
     def should_stop(self) -> bool:
         """Whether any rank caught a signal; the same answer on every rank (a collective with more
         than one process: every rank calls it after the same steps)."""
-        received = self.received
-        if self.accelerator.num_processes > 1:
-            flag = torch.tensor([received], dtype=torch.int64)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-            received = int(flag.item())
+        received = self.max_over_ranks(self.received)
         if received:
             self.stopped_by = signal.Signals(received).name
             logger.warning("%s received: checkpointing after this step and exiting", self.stopped_by)
         return bool(received)
+
+    def max_over_ranks(self, value: int) -> int:
+        """The largest ``value`` of all ranks, on every rank (a collective with more than one
+        process, on the guard's CPU group, so it never waits for the GPU)."""
+        if self.accelerator.num_processes == 1:
+            return value
+        flag = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return int(flag.item())
