@@ -26,6 +26,7 @@ from .data import add_data_parser
 from .digits import add_digits_parser
 from .fid import add_fid_parser
 from .options import add_config_option
+from .quality import add_quality_parser
 from .relaunch import relaunch
 from .sample import add_sample_parser
 from .slurm import SlurmError, add_slurm_parser
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_parser(commands)
     add_toy_parser(commands)
+    add_quality_parser(commands)
     add_sample_parser(commands)
     add_fid_parser(commands)
     add_digits_parser(commands)

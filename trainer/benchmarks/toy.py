@@ -505,7 +505,7 @@ def run_seeds(method: str, out_dir: str | Path, seeds: Sequence[int],
             for seed in seeds]
 
 
-def _spread(values: Sequence[float]) -> dict[str, float]:
+def spread(values: Sequence[float]) -> dict[str, float]:
     """mean, std (sample, ddof 1; 0 for one value), min and max of ``values``."""
     array = np.asarray(values, dtype=np.float64)
     std = float(array.std(ddof=1)) if len(array) > 1 else 0.0
@@ -533,7 +533,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
                                                                or [{"T": r["final_T"]}])}
             rows.append(row)
         keys = [*SUMMARY_METRICS, *(("final_T", "max_T") if "final_T" in rows[0] else ())]
-        spreads = {k: _spread([row[k] for row in rows]) for k in keys}
+        spreads = {k: spread([row[k] for row in rows]) for k in keys}
         summary[method] = {"seeds": seeds, "runs": rows, **spreads}
     return summary
 
