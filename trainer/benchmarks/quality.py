@@ -50,9 +50,10 @@ GAME_STATISTICS = ("loss", "loss_denoise", "loss_g", "loss_d", "d_real", "d_fake
 # The adversary sized to the digits' small DiT, after the method's preset (whose 128-channel,
 # 3-block adversary is sized for DiT-XL on ImageNet latents): with it a SADM step took about 30
 # times a plain DiT step here, 84 steps in 3 minutes against 2,498. At 32 channels and 2 blocks
-# (widths 32, 64, 128 over 16x16 -> 4x4) SADM, Diffusion-GAN and DDGAN ran 81, 97 and 59 steps in
-# 15 s against about 150 for the DiT (2-core CPU, 2026-12-03): the remaining cost is the objective's
-# own (a second DiT pass, the adversary's backward, R1).
+# (widths 32, 64, 128 over 16x16 -> 4x4) SADM, Diffusion-GAN and DDGAN ran about 1,100, 1,165 and
+# 770 steps in 3 minutes against about 2,150 for the plain DiT (means of seeds 0-2, 2-core CPU,
+# 2026-12-03): the remaining cost is the objective's own (the adversary's passes, R1, the game's
+# extra passes of the DiT).
 ADVERSARY = ("disc.base_channels=32", "disc.num_blocks=2")
 NEVER = 10**9  # train.steps and the periodic intervals: the budget ends the run, not a step count
 GRID_ROWS = 2  # samples per class in a run's picture
