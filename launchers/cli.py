@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import faulthandler
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from ..trainer.checkpointing.store import CheckpointError
 from ..trainer.config import ConfigError, dump_yaml, load_config
@@ -149,6 +151,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if not is_rank_of_many():
+        return run_command(argv)
+    # A rank that aborts or crashes in C++ prints every Python thread's stack instead of nothing.
+    faulthandler.enable(all_threads=True)
+    exit_without_teardown(run_command(argv))
+
+
+def is_rank_of_many() -> bool:
+    """Whether this process is one rank of a multi-process run (torchrun, accelerate launch and
+    the Slurm script all set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def exit_without_teardown(status: int) -> NoReturn:
+    """End a rank of a multi-process run once its command has returned, skipping the interpreter's
+    teardown. By then the command has finished its work, closed its tracking and destroyed its
+    process group. The teardown has nothing left to do but free C++ objects (gloo's, DeepSpeed's)
+    in whatever order the interpreter reaches them; it aborted a rank now and then ("terminate
+    called without an active exception", exit -6, after the run had finished and checkpointed),
+    which torchrun then reported as a failed run."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def run_command(argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and run its command; an error in the user's input becomes one line."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     # Overrides may stand anywhere, also after an option (argparse alone stops collecting them).
