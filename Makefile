@@ -14,8 +14,8 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	test -f data/demo/train/manifest.json || $(BIN)/advdit data demo --out data/demo/train
-	$(BIN)/advdit train --config configs/demo.yaml
+	test -f data/digits/train/manifest.json || $(BIN)/advdit data digits --out data/digits
+	$(BIN)/advdit train --config configs/digits.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
