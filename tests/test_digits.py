@@ -136,7 +136,7 @@ def test_class_metrics_need_a_classifier_as_feature_network() -> None:
 
 # ---------------------------------------------------------------------- learning (a regression test)
 REPO = Path(__file__).resolve().parents[1]
-# configs/digits.yaml (the digits demo's settings) cut to QUICK_STEPS of its 2,000 steps, scored
+# configs/digits.yaml (the digits demo's settings) cut to the first QUICK_STEPS of its 4,000, scored
 # at the end by the evaluator above on 200 samples (25 DDIM steps, guidance 3). Measured on the
 # 2-core development machine (2026-12-03, nearly idle: 2,000 steps with 8 evaluations in 3.6 min),
 # run.seed 0 / 1 / 2, as the 1,500-step evaluation of 2,000-step runs (a run to 1,500 steps computes
