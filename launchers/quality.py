@@ -16,6 +16,7 @@ from typing import Any
 from ..trainer.runtime.preemption import PREEMPTED_EXIT_CODE
 
 METHOD_CHOICES = ("dit", "sadm", "diffusion_gan", "ddgan")
+DIFFUSION_SAMPLER_CHOICES = ("ddpm250", "ddim25")
 
 
 def add_quality_parser(subcommands: Any) -> argparse.ArgumentParser:
@@ -27,6 +28,10 @@ def add_quality_parser(subcommands: Any) -> argparse.ArgumentParser:
     quality.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 of every method")
     quality.add_argument("--methods", nargs="+", choices=METHOD_CHOICES, default=list(METHOD_CHOICES))
     quality.add_argument("--samples", type=int, default=200, help="samples scored per sampler")
+    quality.add_argument("--samplers", nargs="+", choices=DIFFUSION_SAMPLER_CHOICES,
+                         default=list(DIFFUSION_SAMPLER_CHOICES),
+                         help="what scores the diffusion objectives (DDGAN uses its own T steps); "
+                              "ddim25 alone skips DDPM 250, most of a short run's scoring time")
     quality.add_argument("--data", default="data/digits", help="the folder of advdit data digits")
     quality.add_argument("--classifier", default="models/digits/digits-classifier.json",
                          help="the evaluator's spec JSON (advdit digits classifier)")
@@ -55,7 +60,8 @@ def _run(args: argparse.Namespace) -> int:
         summary = write_summary(args.out)
     else:
         plan = QualityPlan(Path(args.data), Path(args.classifier), Path(args.out), args.budget_minutes,
-                           range(args.seeds), args.methods, args.samples, args.config, args.overrides)
+                           range(args.seeds), args.methods, args.samples, args.config, args.overrides,
+                           args.samplers)
         try:
             summary = run_quality(plan, progress=args.progress)
         except QualityInterrupted as err:

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from advdit.launchers.cli import main
-from advdit.trainer.benchmarks.quality import QualityPlan
+from advdit.trainer.benchmarks.quality import QualityPlan, samplers_of
 from advdit.trainer.config import ConfigError
 
 # A tiny denoiser and adversary: the benchmark's plumbing, not its numbers.
@@ -114,3 +114,14 @@ def test_missing_inputs_name_the_command_that_writes_them(digits_dir: Path, tmp_
         QualityPlan(tmp_path, tmp_path, tmp_path, 1.0)
     with pytest.raises(ConfigError, match="positive"):
         QualityPlan(digits_dir, tmp_path, tmp_path, 0.0)
+
+
+def test_the_chosen_samplers_score_the_diffusion_objectives_and_ddgan_keeps_its_own(
+        digits_dir: Path, classifier: Path, tmp_path: Path) -> None:
+    assert [name for name, _, _ in samplers_of("sadm", ["ddim25"])] == ["ddim25"]
+    assert [name for name, _, _ in samplers_of("dit", ["ddpm250", "ddim25"])] == ["ddpm250", "ddim25"]
+    assert [name for name, _, _ in samplers_of("ddgan", ["ddim25"])] == ["ddgan"]
+    with pytest.raises(ConfigError, match=r"ddim50.*expected one or more of \['ddpm250', 'ddim25'\]"):
+        QualityPlan(digits_dir, classifier, tmp_path, 1.0, diffusion_samplers=["ddim50"])
+    with pytest.raises(ConfigError, match="expected one or more"):
+        QualityPlan(digits_dir, classifier, tmp_path, 1.0, diffusion_samplers=[])

@@ -78,6 +78,9 @@ class QualityPlan:
     # KEY=VALUE for every run; METHOD:KEY=VALUE for that method's runs only (e.g. disc.* keys,
     # which the plain DiT refuses).
     overrides: Sequence[str] = field(default_factory=list)
+    # The samplers that score the objectives that train a diffusion model (DDGAN always uses its own
+    # T steps): DDIM 25 alone skips DDPM 250, most of a short run's scoring time.
+    diffusion_samplers: Sequence[str] = tuple(name for name, _, _ in DIFFUSION_SAMPLERS)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -85,6 +88,9 @@ class QualityPlan:
             raise ConfigError(f"unknown method(s) {unknown}; expected some of {list(METHODS)}")
         if self.budget_minutes <= 0:
             raise ConfigError(f"the budget must be positive minutes, got {self.budget_minutes}")
+        known = [name for name, _, _ in DIFFUSION_SAMPLERS]
+        if not self.diffusion_samplers or any(name not in known for name in self.diffusion_samplers):
+            raise ConfigError(f"--samplers {list(self.diffusion_samplers)}: expected one or more of {known}")
         if self.num_samples < 10 or self.num_samples % 10:
             raise ConfigError(f"--samples must be a positive multiple of 10 (balanced classes), "
                               f"got {self.num_samples}")
@@ -122,9 +128,12 @@ class QualityPlan:
         return chosen
 
 
-def samplers_of(method: str) -> list[tuple[str, str | None, int | None]]:
-    """(name, sampler, steps) to score ``method``'s weights with; None: the objective's own."""
-    return [(DDGAN_SAMPLER, None, None)] if method == "ddgan" else list(DIFFUSION_SAMPLERS)
+def samplers_of(method: str, chosen: Sequence[str]) -> list[tuple[str, str | None, int | None]]:
+    """(name, sampler, steps) to score ``method``'s weights with: DDGAN's own (None), else the
+    ``chosen`` ones of :data:`DIFFUSION_SAMPLERS`."""
+    if method == "ddgan":
+        return [(DDGAN_SAMPLER, None, None)]
+    return [entry for entry in DIFFUSION_SAMPLERS if entry[0] in chosen]
 
 
 def draw_samples(checkpoint: Path, sampler: str | None, steps: int | None, labels: np.ndarray,
@@ -183,7 +192,7 @@ def run_one(plan: QualityPlan, method: str, seed: int, progress: bool = False) -
         raise RuntimeError(f"{method} seed {seed} left no checkpoint in {out}")
     labels = balanced_labels(plan.num_samples, cfg.model.num_classes)
     scores = {}
-    for name, sampler, steps in samplers_of(method):
+    for name, sampler, steps in samplers_of(method, plan.diffusion_samplers):
         images = draw_samples(result.checkpoint, sampler, steps, labels, seed)
         scored = score_digits(images, torch.as_tensor(labels), plan.data_dir, plan.classifier)
         scores[name] = {key: getattr(scored, key) for key in METRICS}
