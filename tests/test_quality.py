@@ -101,6 +101,11 @@ def test_method_overrides_reach_only_their_method(digits_dir: Path, classifier: 
     assert (sadm.base_channels, sadm.num_blocks) == (32, 2)
     # ...and a user's override comes after it.
     assert plan.run_config("ddgan", 0).disc.num_blocks == 1
+    # DDGAN's generator trains at the official DDGAN rate and betas, the diffusion objectives at the
+    # digits settings' (lr 4e-3, betas 0.9 / 0.999).
+    ddgan, sadm = plan.run_config("ddgan", 0).optim, plan.run_config("sadm", 0).optim
+    assert (ddgan.lr, ddgan.beta1, ddgan.beta2) == (1.6e-4, 0.5, 0.9)
+    assert (sadm.lr, sadm.beta1, sadm.beta2) == (4e-3, 0.9, 0.999)
     # Every run in one MLflow store of the benchmark's folder unless a tracking.uri is given.
     assert plan.run_config("dit", 1).tracking.uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     with pytest.raises(ConfigError, match="'gan' is not a method"):
