@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from advdit.trainer.objectives.diffusion_gan import AdaptiveDiffusion, AdaStats
+from advdit.trainer.objectives.diffusion_gan import AdaptiveDiffusion, AdaStats, noise_std_of
 
-from helpers import gen
+from helpers import gen, tiny_config
 
 
 def _feed(ada: AdaptiveDiffusion, logits: list[float], batch_size: int = 1000,
@@ -167,3 +168,14 @@ def test_bad_arguments_are_value_errors() -> None:
         AdaptiveDiffusion().load_state_dict({"p": 0.0, "T": 10, "t_epl": torch.zeros(64), "sign_stats": 0})
     with pytest.raises(ValueError, match="T = 5000 is outside"):
         AdaptiveDiffusion().load_state_dict({**AdaptiveDiffusion().state_dict(), "T": 5000})
+
+
+def test_noise_std_follows_the_data_space_unless_set(tmp_path: Path) -> None:
+    """Null means the paper's 0.05 in pixel space (it won on the digits) and 0.5 on SD-VAE latents."""
+    pixels = tiny_config(tmp_path, tmp_path, "objective=diffusion_gan")
+    latents = tiny_config(tmp_path, tmp_path, "objective=diffusion_gan", "vae=models/sd-vae-ft-ema")
+    assert pixels.diffusion_gan.noise_std is None
+    assert (noise_std_of(pixels), noise_std_of(latents)) == (0.05, 0.5)
+    chosen = tiny_config(tmp_path, tmp_path, "objective=diffusion_gan", "vae=models/sd-vae-ft-ema",
+                         "diffusion_gan.noise_std=0.2")
+    assert noise_std_of(chosen) == 0.2

@@ -295,7 +295,9 @@ class DiffusionGANConfig(Section):
     weight: float = 0.1  # weight of the generator loss in the denoiser's loss [INFERRED]
     t_min: int = 10
     t_max: int = 1000
-    noise_std: float = 0.5  # latents have std ~1; 0.05 is the paper's value for pixels
+    # null: by data space, 0.05 in pixels (vae: none; the paper's value, which won on the digits)
+    # and 0.5 on SD-VAE latents of std ~1 [INFERRED] (objectives/diffusion_gan.py, noise_std_of)
+    noise_std: float | None = None
     ts_dist: TimestepDistribution = "priority"
     clean_fraction: float = 0.5
     target: float = 0.6
