@@ -63,7 +63,7 @@ class AdaptiveDiffusion:
     """
 
     def __init__(self, beta_start: float = 1e-4, beta_end: float = 2e-2, t_min: int = 10, t_max: int = 1000,
-                 noise_std: float = 0.05, ts_dist: str = "priority", clean_fraction: float = 0.5,
+                 noise_std: float = PIXEL_NOISE_STD, ts_dist: str = "priority", clean_fraction: float = 0.5,
                  target: float = 0.6, ada_interval: int = 4, ada_kimg: float = 100, epl_size: int = 64,
                  seed: int = 0) -> None:
         _check_config(beta_start, beta_end, t_min, t_max, noise_std, ts_dist, clean_fraction,
